@@ -1,0 +1,20 @@
+"""autoprune: budgeted structured pruning of CNNs.
+
+>>> import autoprune as ap
+>>> model = ap.models.create("resnet20", num_classes=10)
+>>> space = ap.Space(model, torch.randn(1, 3, 16, 16))
+>>> widths = space.fit({u.name: 0.5 for u in space.units}, "flops<=50%")
+>>> small = ap.select(space, widths).apply(model)
+"""
+
+from . import models
+from .budget import Budget
+from .cost import Cost, fvcore_cost
+from .errors import AutopruneError, BudgetError, CheckpointError, DataError, ModelError
+from .plan import Plan, load, select
+from .space import Space, Unit
+
+__all__ = [
+    "AutopruneError", "Budget", "BudgetError", "CheckpointError", "Cost", "DataError",
+    "ModelError", "Plan", "Space", "Unit", "fvcore_cost", "load", "models", "select",
+]

@@ -1,0 +1,174 @@
+"""Budgets (what remains of FLOPs or params) and fitting a structure's shape to one.
+
+``Budget.parse("flops<=50%")`` keeps at most half the baseline FLOPs;
+``"params<=1.2M"`` and ``"flops<=62M"`` are absolute. :func:`fit_widths` scales a
+vector of per-unit prune ratios by one factor (bisection on the analytic cost),
+then adds channels back one step at a time, so every structure is at most the
+target and, where unit granularity allows, within 0.5% below it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+
+from .errors import BudgetError
+
+KINDS = ("flops", "params")
+SUFFIX = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9}
+TOLERANCE = 0.005
+_PATTERN = re.compile(r"^\s*(flops|params)\s*<=\s*([0-9]*\.?[0-9]+)\s*(%|[kKmMgG])?\s*$")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """At most ``value`` FLOPs or params remain: a fraction of the base if ``relative``."""
+
+    kind: str
+    value: float
+    relative: bool
+
+    @classmethod
+    def parse(cls, text: "str | Budget") -> "Budget":
+        """Parse ``flops<=50%``, ``flops<=0.5``, ``flops<=62M`` or ``params<=1.2M``."""
+        if isinstance(text, Budget):
+            return text
+        m = _PATTERN.match(str(text))
+        if not m:
+            raise BudgetError(f"budget {text!r} is malformed; write KIND<=VALUE with KIND flops or "
+                              "params and VALUE like 50%, 0.5, 62M or 1.2M")
+        kind, number, suffix = m.group(1), float(m.group(2)), (m.group(3) or "")
+        if suffix == "%" or (not suffix and number <= 1):
+            fraction = number / 100 if suffix == "%" else number
+            if not 0 < fraction <= 1:
+                raise BudgetError(f"budget {text!r}: a relative budget must be in (0%, 100%]")
+            return cls(kind, fraction, True)
+        if number <= 0:
+            raise BudgetError(f"budget {text!r} must be positive")
+        return cls(kind, number * SUFFIX[suffix.lower()], False)
+
+    def __str__(self) -> str:
+        value = f"{self.value * 100:g}%" if self.relative else f"{self.value / 1e6:g}M"
+        return f"{self.kind}<={value}"
+
+    def target(self, space) -> int:
+        """The absolute target for ``space``; BudgetError if outside what it can reach."""
+        base = getattr(space.cost(), self.kind)
+        target = int(np.floor(self.value * base)) if self.relative else int(self.value)
+        smallest = getattr(space.cost(space.min_widths()), self.kind)
+        if target < smallest:
+            raise BudgetError(
+                f"budget {self} is below the smallest reachable structure: {self.kind} "
+                f"{_human(smallest)} ({smallest / base:.1%} of {_human(base)}); use at least "
+                f"{self.kind}<={100 * smallest / base:.2f}%")
+        if target > base:
+            raise BudgetError(f"budget {self} exceeds the unpruned model's {self.kind} "
+                              f"{_human(base)}: nothing to prune")
+        return target
+
+    def describe(self, space, widths: Mapping[str, int]) -> dict:
+        """Target, base and realized cost of ``widths``, for reports."""
+        base = getattr(space.cost(), self.kind)
+        target = self.target(space)
+        realized = getattr(space.cost(widths), self.kind)
+        return {"kind": self.kind, "spec": str(self), "base": base, "target": target,
+                "realized": realized, "realized_ratio": realized / base,
+                "within_tolerance": target * (1 - TOLERANCE) <= realized <= target}
+
+
+def _human(n: float) -> str:
+    for suffix, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g}{suffix}"
+    return str(int(n))
+
+
+class _Path:
+    """Widths along a one-parameter path from the full model to the smallest one.
+
+    For t in [0, 1] each unit prunes ``min(max_ratio, t·a·ratio)`` (the shape,
+    scaled until its most pruned units saturate); for t in [1, 2] every unit blends
+    linearly towards its minimum width, so the path always reaches the budget.
+    """
+
+    def __init__(self, space, ratios: np.ndarray, max_ratio: float) -> None:
+        self.units = space.units
+        self.width = np.array([u.width for u in space.units], dtype=float)
+        self.minw = np.array([u.min_width for u in space.units], dtype=float)
+        self.ratios = ratios
+        self.max_ratio = max_ratio
+        positive = ratios[ratios > 0]
+        self.scale = max_ratio / positive.min() if positive.size else 0.0
+
+    def continuous(self, t: float) -> np.ndarray:
+        prune = np.minimum(self.max_ratio, min(t, 1.0) * self.scale * self.ratios)
+        kept = self.width * (1 - prune)
+        beta = max(0.0, t - 1.0)
+        return np.maximum(self.minw, (1 - beta) * kept + beta * self.minw)
+
+    def widths(self, t: float) -> dict[str, int]:
+        return {u.name: u.round(k) for u, k in zip(self.units, self.continuous(t))}
+
+
+def _ratio_vector(space, ratios: Mapping[str, float], max_ratio: float) -> np.ndarray:
+    if not 0 < max_ratio < 1:
+        raise ValueError(f"max_ratio must be in (0, 1), got {max_ratio}")
+    for name, r in ratios.items():
+        space.unit(name)
+        if not 0 <= r < 1 or not np.isfinite(r):
+            raise ValueError(f"ratio of unit {name} must be in [0, 1), got {r}")
+    return np.array([min(float(ratios.get(u.name, 0.0)), max_ratio) for u in space.units])
+
+
+def fit_widths(space, ratios: Mapping[str, float], budget: "str | Budget",
+               max_ratio: float = 0.9) -> dict[str, int]:
+    """Integer widths shaped like ``ratios`` whose cost is at most the budget's target."""
+    budget = Budget.parse(budget)
+    target = budget.target(space)
+    path = _Path(space, _ratio_vector(space, ratios, max_ratio), max_ratio)
+
+    def cost(t: float) -> int:
+        return getattr(space.cost(path.widths(t)), budget.kind)
+
+    lo, hi = 0.0, 2.0
+    if cost(lo) <= target:
+        return path.widths(lo)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if cost(mid) <= target else (mid, hi)
+    return _fill(space, path.widths(hi), path.continuous(lo), budget.kind, target)
+
+
+def _fill(space, widths: dict[str, int], wanted: np.ndarray, kind: str, target: int) -> dict[str, int]:
+    """Add channel steps back while the target allows, most under-shaped unit first.
+
+    Uses the quadratic form directly: raising ``z_i`` by ``d`` changes the cost by
+    ``d·(Qs z)_i + d²·Q_ii`` with ``Qs = Q + Qᵀ``, so each step costs O(units).
+    """
+    model = space.cost_model
+    q = model.q_flops if kind == "flops" else model.q_params
+    qs = q + q.T
+    z = model.z(widths)
+    grad = qs @ z
+    cost = float(z @ q @ z)
+    kept = np.array([widths[u.name] for u in space.units])
+    steps = np.array([u.step for u in space.units])
+    full = np.array([u.width for u in space.units])
+    while True:
+        add = np.where(kept + steps <= full, steps, full - kept)
+        d = add / full
+        delta = d * grad[1:] + d * d * np.diag(q)[1:]
+        fits = (add > 0) & (cost + delta <= target + 1e-6)
+        if not fits.any():
+            break
+        deficit = np.where(fits, (wanted - kept) / full, -np.inf)
+        i = int(np.argmax(deficit))
+        if deficit[i] <= 0:
+            i = int(np.argmax(np.where(fits, -delta, -np.inf)))
+        kept[i] += add[i]
+        cost += delta[i]
+        grad += d[i] * qs[:, i + 1]
+    return {u.name: int(k) for u, k in zip(space.units, kept)}

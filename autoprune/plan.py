@@ -1,0 +1,214 @@
+"""Plan: which channels each unit keeps; applying, saving and loading it.
+
+A Plan is the one currency of autoprune: greedy, uniform and search all produce
+one. ``apply`` removes the other channels physically with Torch-Pruning, so the
+result is a smaller ordinary module, not a masked one.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import models
+from .errors import CheckpointError
+from .space import ROOT_TYPES, Space, build_graph
+
+FORMAT = "autoprune-plan/1"
+
+
+@dataclass
+class Plan:
+    """Per unit, the sorted indices of the channels kept (units absent are kept whole)."""
+
+    keep: dict[str, list[int]]
+    widths: dict[str, int]
+    input_shape: tuple[int, ...]
+    meta: dict = field(default_factory=dict)
+
+    def kept_widths(self) -> dict[str, int]:
+        return {name: len(idx) for name, idx in self.keep.items()}
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        """A physically pruned copy of ``model`` (which is left untouched)."""
+        pruned = copy.deepcopy(model)
+        graph = build_graph(pruned, torch.zeros(self.input_shape))
+        for name, keep in self.keep.items():
+            root = pruned.get_submodule(name)
+            drop = sorted(set(range(self.widths[name])) - set(keep))
+            if drop:
+                pruner = graph.get_pruner_of_module(root)
+                graph.get_pruning_group(root, pruner.prune_out_channels, drop).prune()
+        return pruned
+
+    def to_dict(self) -> dict:
+        return {"format": FORMAT, "input_shape": list(self.input_shape),
+                "widths": self.widths, "keep": self.keep, "meta": self.meta}
+
+    def to_json(self, indent: int = 1) -> str:
+        """Human-readable JSON: per unit the original width, kept count and indices."""
+        units = {n: {"width": self.widths[n], "kept": len(k), "keep": k} for n, k in self.keep.items()}
+        return json.dumps({"format": FORMAT, "input_shape": list(self.input_shape),
+                           "units": units, "meta": self.meta}, indent=indent)
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "Plan":
+        return cls({k: list(map(int, v)) for k, v in d["keep"].items()},
+                   {k: int(v) for k, v in d["widths"].items()},
+                   tuple(d["input_shape"]), dict(d.get("meta", {})))
+
+    def save(self, path: str | os.PathLike, pruned: nn.Module) -> None:
+        """Write the plan, the architecture and ``pruned``'s weights to one file, atomically."""
+        arch = getattr(pruned, "autoprune_arch", None)
+        atomic_save({"plan": self.to_dict(), "arch": arch, "state_dict": pruned.state_dict()}, path)
+
+
+def atomic_save(obj: object, path: str | os.PathLike) -> None:
+    """torch.save to a temporary file, then rename: an interruption never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """torch.load with ``weights_only=True``; CheckpointError for missing or damaged files."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
+        raise CheckpointError(f"checkpoint {path} is unreadable (truncated or not a "
+                              f"torch file): {type(exc).__name__}") from exc
+    if not isinstance(data, dict) or "state_dict" not in data:
+        raise CheckpointError(f"checkpoint {path} has no state_dict; expected one written by "
+                              "autoprune (train, prune or Plan.save)")
+    return data
+
+
+def load_weights(model: nn.Module, state_dict: Mapping, path: str | os.PathLike) -> nn.Module:
+    """load_state_dict, turning key/shape mismatches into one CheckpointError line."""
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[1].strip() if "\n" in str(exc) else str(exc)
+        arch = getattr(model, "autoprune_arch", {}).get("name", type(model).__name__)
+        raise CheckpointError(f"checkpoint {path} does not fit {arch}: {first}") from exc
+    return model
+
+
+def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
+    """Rebuild a pruned model saved by :meth:`Plan.save` (weights loaded with weights_only).
+
+    The unpruned architecture comes from ``model`` if given, else from the registry
+    name stored in the file.
+    """
+    data = read_checkpoint(path)
+    if "plan" not in data:
+        raise CheckpointError(f"{path} holds no pruning plan; it is a baseline checkpoint "
+                              "(load it with autoprune.models.load_checkpoint)")
+    if model is None:
+        if not data.get("arch"):
+            raise CheckpointError(f"{path} names no registry architecture; pass model=")
+        model = models.create(**data["arch"])
+    plan = Plan.from_dict(data["plan"])
+    try:
+        pruned = plan.apply(model)
+    except (KeyError, AttributeError, IndexError) as exc:
+        raise CheckpointError(f"plan in {path} does not fit {type(model).__name__}: {exc}") from exc
+    return load_weights(pruned, data["state_dict"], path).eval()
+
+
+def l1_scores(space: Space, model: nn.Module) -> dict[str, torch.Tensor]:
+    """Default importance: L1 norm of each channel's filters, summed over the unit's roots."""
+    scores = {}
+    for unit in space.units:
+        total = torch.zeros(unit.width)
+        for name in unit.modules:
+            w = model.get_submodule(name).weight.detach()
+            if w.shape[0] == unit.width:
+                total += w.abs().flatten(1).sum(1).cpu()
+        scores[unit.name] = total
+    return scores
+
+
+def _top(scores: np.ndarray, n: int) -> list[int]:
+    """Indices of the ``n`` highest scores (ties broken by lower index)."""
+    order = np.lexsort((np.arange(len(scores)), -scores))
+    return sorted(order[:n].tolist())
+
+
+def _proportional(labels: np.ndarray, kept: int) -> dict[int, int]:
+    """Channels to keep per cluster, proportional to size, each ≥1 where ``kept`` allows."""
+    ids, sizes = np.unique(labels, return_counts=True)
+    base = np.minimum(sizes, 1 if kept >= len(ids) else 0)
+    share = kept - base.sum()
+    quota = share * (sizes - base) / max(1, (sizes - base).sum())
+    alloc = base + np.floor(quota).astype(int)
+    for i in np.argsort(-(quota - np.floor(quota)), kind="stable"):
+        if alloc.sum() >= kept:
+            break
+        if alloc[i] < sizes[i]:
+            alloc[i] += 1
+    for i in np.argsort(-sizes, kind="stable"):  # clusters too small to take their share
+        while alloc.sum() < kept and alloc[i] < sizes[i]:
+            alloc[i] += 1
+    return dict(zip(ids.tolist(), alloc.tolist()))
+
+
+def _select_unit(scores: np.ndarray, kept: int, groups: int, labels: np.ndarray | None) -> list[int]:
+    """Keep ``kept`` channels; grouped units keep the same local indices in every group."""
+    if groups > 1:
+        local = scores.reshape(groups, -1).mean(0)
+        size = len(local)
+        lab = None if labels is None else labels.reshape(groups, -1)[0]
+        chosen = _select_unit(local, kept // groups, 1, lab)
+        return sorted(g * size + i for g in range(groups) for i in chosen)
+    if labels is None:
+        return _top(scores, kept)
+    keep: list[int] = []
+    for cluster, n in _proportional(labels, kept).items():
+        members = np.flatnonzero(labels == cluster)
+        keep += members[_top(scores[members], n)].tolist()
+    return sorted(keep)
+
+
+def select(space: Space, widths: Mapping[str, int], scores: Mapping[str, torch.Tensor] | None = None,
+           clusters: Mapping[str, np.ndarray] | None = None) -> Plan:
+    """The Plan keeping, per unit, ``widths[unit]`` highest-scoring channels.
+
+    ``scores`` (unit → Tensor[width], higher = keep) default to the L1 magnitude of
+    the unit's filters in the space's model. With ``clusters`` (unit → labels) each cluster
+    keeps channels in proportion to its size, at least one where the width allows.
+    """
+    full = space._complete(widths)
+    scores = l1_scores(space, space.model) if scores is None else scores
+    keep = {}
+    for unit in space.units:
+        if full[unit.name] == unit.width:
+            continue
+        if not unit.allowed(full[unit.name]):
+            raise ValueError(f"unit {unit.name}: width {full[unit.name]} is not a multiple of "
+                             f"{unit.step} in {unit.min_width}..{unit.width}")
+        s = np.asarray(torch.as_tensor(scores[unit.name]).double().cpu())
+        lab = None if clusters is None or unit.name not in clusters else np.asarray(clusters[unit.name])
+        keep[unit.name] = _select_unit(s, full[unit.name], unit.groups, lab)
+    return Plan(keep, {u.name: u.width for u in space.units if u.name in keep}, space.input_shape)
+
+
+__all__ = ["Plan", "select", "load", "atomic_save", "read_checkpoint", "l1_scores", "ROOT_TYPES"]
