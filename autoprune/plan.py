@@ -10,9 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Mapping
 
 import numpy as np
@@ -20,6 +18,7 @@ import torch
 from torch import nn
 
 from . import models
+from .checkpoint import atomic_save, load_weights, read_checkpoint
 from .errors import CheckpointError
 from .space import ROOT_TYPES, Space, build_graph
 
@@ -72,46 +71,6 @@ class Plan:
         atomic_save({"plan": self.to_dict(), "arch": arch, "state_dict": pruned.state_dict()}, path)
 
 
-def atomic_save(obj: object, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file, then rename: an interruption never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def read_checkpoint(path: str | os.PathLike) -> dict:
-    """torch.load with ``weights_only=True``; CheckpointError for missing or damaged files."""
-    if not Path(path).is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise CheckpointError(f"checkpoint {path} is unreadable (truncated or not a "
-                              f"torch file): {type(exc).__name__}") from exc
-    if not isinstance(data, dict) or "state_dict" not in data:
-        raise CheckpointError(f"checkpoint {path} has no state_dict; expected one written by "
-                              "autoprune (train, prune or Plan.save)")
-    return data
-
-
-def load_weights(model: nn.Module, state_dict: Mapping, path: str | os.PathLike) -> nn.Module:
-    """load_state_dict, turning key/shape mismatches into one CheckpointError line."""
-    try:
-        model.load_state_dict(state_dict)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[1].strip() if "\n" in str(exc) else str(exc)
-        arch = getattr(model, "autoprune_arch", {}).get("name", type(model).__name__)
-        raise CheckpointError(f"checkpoint {path} does not fit {arch}: {first}") from exc
-    return model
-
-
 def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
     """Rebuild a pruned model saved by :meth:`Plan.save` (weights loaded with weights_only).
 
@@ -121,7 +80,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
     data = read_checkpoint(path)
     if "plan" not in data:
         raise CheckpointError(f"{path} holds no pruning plan; it is a baseline checkpoint "
-                              "(load it with autoprune.models.load_checkpoint)")
+                              "(load it with autoprune.checkpoint.load_baseline)")
     if model is None:
         if not data.get("arch"):
             raise CheckpointError(f"{path} names no registry architecture; pass model=")
@@ -154,20 +113,16 @@ def _top(scores: np.ndarray, n: int) -> list[int]:
 
 
 def _proportional(labels: np.ndarray, kept: int) -> dict[int, int]:
-    """Channels to keep per cluster, proportional to size, each ≥1 where ``kept`` allows."""
+    """Channels to keep per cluster: largest-remainder shares of ``kept`` by cluster size,
+    every cluster at least one where ``kept`` allows."""
     ids, sizes = np.unique(labels, return_counts=True)
+    quota = kept * sizes / sizes.sum()
     base = np.minimum(sizes, 1 if kept >= len(ids) else 0)
-    share = kept - base.sum()
-    quota = share * (sizes - base) / max(1, (sizes - base).sum())
-    alloc = base + np.floor(quota).astype(int)
-    for i in np.argsort(-(quota - np.floor(quota)), kind="stable"):
-        if alloc.sum() >= kept:
-            break
-        if alloc[i] < sizes[i]:
-            alloc[i] += 1
-    for i in np.argsort(-sizes, kind="stable"):  # clusters too small to take their share
-        while alloc.sum() < kept and alloc[i] < sizes[i]:
-            alloc[i] += 1
+    alloc = np.clip(np.floor(quota).astype(int), base, sizes)
+    while alloc.sum() < kept:
+        alloc[np.argmax(np.where(alloc < sizes, quota - alloc, -np.inf))] += 1
+    while alloc.sum() > kept:
+        alloc[np.argmax(np.where(alloc > base, alloc - quota, -np.inf))] -= 1
     return dict(zip(ids.tolist(), alloc.tolist()))
 
 
@@ -211,4 +166,4 @@ def select(space: Space, widths: Mapping[str, int], scores: Mapping[str, torch.T
     return Plan(keep, {u.name: u.width for u in space.units if u.name in keep}, space.input_shape)
 
 
-__all__ = ["Plan", "select", "load", "atomic_save", "read_checkpoint", "l1_scores", "ROOT_TYPES"]
+__all__ = ["Plan", "select", "load", "l1_scores"]

@@ -1,0 +1,74 @@
+"""Checkpoint files: atomic writes, safe reads, and baseline (unpruned) checkpoints.
+
+Everything is read with ``torch.load(weights_only=True)``; files are written to a
+temporary name and renamed, so an interrupted run never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from . import models
+from .errors import CheckpointError
+
+
+def atomic_save(obj: object, path: str | os.PathLike) -> None:
+    """torch.save to a temporary file, then rename: an interruption never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """torch.load with ``weights_only=True``; CheckpointError for missing or damaged files."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
+        raise CheckpointError(f"checkpoint {path} is unreadable (truncated or not a "
+                              f"torch file): {type(exc).__name__}") from exc
+    if not isinstance(data, dict) or "state_dict" not in data:
+        raise CheckpointError(f"checkpoint {path} has no state_dict; expected one written by "
+                              "autoprune (train, prune or Plan.save)")
+    return data
+
+
+def load_weights(model: nn.Module, state_dict: Mapping, path: str | os.PathLike) -> nn.Module:
+    """load_state_dict, turning key/shape mismatches into one CheckpointError line."""
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[1].strip() if "\n" in str(exc) else str(exc)
+        arch = getattr(model, "autoprune_arch", {}).get("name", type(model).__name__)
+        raise CheckpointError(f"checkpoint {path} does not fit {arch}: {first}") from exc
+    return model
+
+
+def save_baseline(path: str | os.PathLike, model: nn.Module, **meta) -> None:
+    """Save an unpruned registry model with its architecture and ``meta`` (accuracy, data...)."""
+    atomic_save({"arch": models.arch_of(model), "state_dict": model.state_dict(), "meta": meta}, path)
+
+
+def load_baseline(path: str | os.PathLike) -> tuple[nn.Module, dict]:
+    """The model saved by :func:`save_baseline` (rebuilt from the registry) and its meta."""
+    data = read_checkpoint(path)
+    if "plan" in data:
+        raise CheckpointError(f"{path} is a pruned model; load it with autoprune.load")
+    if not data.get("arch"):
+        raise CheckpointError(f"{path} names no architecture; it was not written by autoprune")
+    model = models.create(**data["arch"])
+    return load_weights(model, data["state_dict"], path), dict(data.get("meta", {}))
