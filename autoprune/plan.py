@@ -20,7 +20,8 @@ from torch import nn
 from . import models
 from .checkpoint import atomic_save, load_weights, read_checkpoint
 from .errors import CheckpointError
-from .space import ROOT_TYPES, Space, build_graph
+from .criteria.magnitude import filter_norms
+from .space import Space, build_graph
 
 FORMAT = "autoprune-plan/1"
 
@@ -93,19 +94,6 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
     return load_weights(pruned, data["state_dict"], path).eval()
 
 
-def l1_scores(space: Space, model: nn.Module) -> dict[str, torch.Tensor]:
-    """Default importance: L1 norm of each channel's filters, summed over the unit's roots."""
-    scores = {}
-    for unit in space.units:
-        total = torch.zeros(unit.width)
-        for name in unit.modules:
-            w = model.get_submodule(name).weight.detach()
-            if w.shape[0] == unit.width:
-                total += w.abs().flatten(1).sum(1).cpu()
-        scores[unit.name] = total
-    return scores
-
-
 def _top(scores: np.ndarray, n: int) -> list[int]:
     """Indices of the ``n`` highest scores (ties broken by lower index)."""
     order = np.lexsort((np.arange(len(scores)), -scores))
@@ -152,7 +140,7 @@ def select(space: Space, widths: Mapping[str, int], scores: Mapping[str, torch.T
     keeps channels in proportion to its size, at least one where the width allows.
     """
     full = space._complete(widths)
-    scores = l1_scores(space, space.model) if scores is None else scores
+    scores = filter_norms(space, 1) if scores is None else scores
     keep = {}
     for unit in space.units:
         if full[unit.name] == unit.width:
@@ -166,4 +154,4 @@ def select(space: Space, widths: Mapping[str, int], scores: Mapping[str, torch.T
     return Plan(keep, {u.name: u.width for u in space.units if u.name in keep}, space.input_shape)
 
 
-__all__ = ["Plan", "select", "load", "l1_scores"]
+__all__ = ["Plan", "select", "load"]

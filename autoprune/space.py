@@ -31,6 +31,9 @@ class Unit:
     structure may keep, and ``step`` the granularity: kept widths are multiples of
     ``step`` (channel groups of grouped convs times ``round_to``) or the full width.
     ``groups`` is the number of channel groups selection must treat alike.
+    ``modules`` are the conv/linear layers whose outputs are the unit's channels,
+    ``norms`` the normalisation layers on them, and ``consumers`` the conv/linear
+    layers reading them: (name, input positions, unit channel of each position).
     """
 
     name: str
@@ -39,6 +42,8 @@ class Unit:
     step: int
     groups: int
     modules: tuple[str, ...]
+    norms: tuple[str, ...] = ()
+    consumers: tuple[tuple[str, tuple[int, ...], tuple[int, ...]], ...] = ()
 
     def allowed(self, kept: int) -> bool:
         """Whether ``kept`` channels is a reachable width for this unit."""
@@ -68,10 +73,12 @@ def output_layers(model: nn.Module, example_input: torch.Tensor | tuple) -> list
     order: list[str] = []
     hooks = [m.register_forward_hook(lambda mod, i, o, n=n: order.append(n))
              for n, m in model.named_modules() if isinstance(m, ROOT_TYPES)]
+    was_training = model.training
     try:
         with torch.no_grad():
-            model(*_as_input_tuple(example_input))
+            model.eval()(*_as_input_tuple(example_input))
     finally:
+        model.train(was_training)
         for h in hooks:
             h.remove()
     if not order:
@@ -198,6 +205,9 @@ def _channel_groups(module: nn.Module) -> int:
     return 1
 
 
+NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)
+
+
 def _units_and_maps(model: nn.Module, graph: tp.DependencyGraph, ignored: list[str],
                     min_width: int, round_to: int):
     """Units (one per dependency group) and, per graph node, the channel counts per unit."""
@@ -207,20 +217,31 @@ def _units_and_maps(model: nn.Module, graph: tp.DependencyGraph, ignored: list[s
     units: list[Unit] = []
     maps: dict[tuple[object, str], dict[str, int]] = defaultdict(dict)
     for group in graph.get_all_groups(ignored_layers=ignored_modules, root_module_types=ROOT_TYPES):
-        roots = [name_of[it.dep.target.module] for it in group.items
-                 if isinstance(it.dep.target.module, ROOT_TYPES)
-                 and graph.is_out_channel_pruning_fn(it.dep.handler)
-                 and it.dep.target.module in name_of]
-        name = min(roots, key=order.__getitem__)
-        width = len(group[0].idxs)
-        groups = math.lcm(*[_channel_groups(it.dep.target.module) for it in group.items
-                            if isinstance(it.dep.target.module, nn.Module)])
-        step = math.lcm(groups, round_to)
-        step = step if width % step == 0 else groups
-        units.append(Unit(name, width, min(width, max(step, math.ceil(min_width / step) * step)),
-                          step, groups, tuple(sorted(set(roots), key=order.__getitem__))))
+        unit = _unit_of(group, graph, name_of, order, min_width, round_to)
+        units.append(unit)
         for it in group.items:
             side = "out" if graph.is_out_channel_pruning_fn(it.dep.handler) else "in"
-            maps[(it.dep.target.module, side)][name] = len(it.idxs)
+            maps[(it.dep.target.module, side)][unit.name] = len(it.idxs)
     units.sort(key=lambda u: order[u.name])
     return units, dict(maps)
+
+
+def _unit_of(group, graph, name_of: dict, order: dict, min_width: int, round_to: int) -> Unit:
+    """Describe one Torch-Pruning group as a Unit named after its first root layer."""
+    def named(types, out: bool) -> list:
+        return sorted((it for it in group.items if isinstance(it.dep.target.module, types)
+                       and it.dep.target.module in name_of
+                       and graph.is_out_channel_pruning_fn(it.dep.handler) == out),
+                      key=lambda it: order[name_of[it.dep.target.module]])
+
+    roots = tuple(dict.fromkeys(name_of[it.dep.target.module] for it in named(ROOT_TYPES, True)))
+    norms = tuple(dict.fromkeys(name_of[it.dep.target.module] for it in named(NORM_TYPES, True)))
+    consumers = tuple((name_of[it.dep.target.module], tuple(map(int, it.idxs)),
+                       tuple(map(int, it.root_idxs))) for it in named(ROOT_TYPES, False))
+    width = len(group[0].idxs)
+    groups = math.lcm(*[_channel_groups(it.dep.target.module) for it in group.items
+                        if isinstance(it.dep.target.module, nn.Module)])
+    step = math.lcm(groups, round_to)
+    step = step if width % step == 0 else groups
+    low = min(width, max(step, math.ceil(min_width / step) * step))
+    return Unit(roots[0], width, low, step, groups, roots, norms, consumers)

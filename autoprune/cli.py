@@ -1,0 +1,236 @@
+"""The ``autoprune`` command line: a thin layer over the Python API.
+
+Each subcommand is one function registered with :func:`command`, which names its
+arguments; :func:`main` parses, dispatches and turns every user error into one
+line ``autoprune: error: ...`` on stderr with exit status 2 (130 on Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from .errors import AutopruneError, CheckpointError, ModelError
+
+PROG = "autoprune"
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class UsageError(AutopruneError):
+    """Bad command-line syntax (raised instead of argparse's print-usage-and-exit)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # noqa: D102 - argparse hook
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+# --------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    arguments: tuple
+    run: Callable[[argparse.Namespace], int]
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def arg(*flags: str, **kwargs) -> tuple:
+    """One ``add_argument`` call, recorded for :func:`command`."""
+    return flags, kwargs
+
+
+def command(name: str, help: str, *arguments: tuple):
+    """Register the decorated ``fn(args) -> exit status`` as subcommand ``name``."""
+    def register(fn: Callable[[argparse.Namespace], int]):
+        COMMANDS[name] = Command(name, help, arguments, fn)
+        return fn
+    return register
+
+
+def _number(kind: type, minimum: float, what: str) -> Callable[[str], float]:
+    """An argparse type: ``kind`` at least ``minimum`` (exclusive when ``minimum`` is 0 for 'positive')."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum or (what == "positive" and value <= 0):
+            raise argparse.ArgumentTypeError(f"expected a {what} {kind.__name__}, got {text!r}")
+        return value
+    return parse
+
+
+POS_INT, POS_FLOAT, NONNEG_INT = (_number(int, 0, "positive"), _number(float, 0, "positive"),
+                                  _number(int, 0, "non-negative"))
+
+SEED = arg("--seed", type=NONNEG_INT, default=0, help="fixes data splits, shuffling and init (default 0)")
+DATA = (
+    arg("--data", required=True, metavar="NAME",
+        help="digits, synthetic, cifar10, cifar100 or imagefolder:PATH"),
+    arg("--image-size", type=POS_INT, metavar="N", help="resize images to NxN (dataset default)"),
+    arg("--data-root", metavar="DIR", help="folder holding cifar10/cifar100 files"),
+    arg("--download", action="store_true", help="download cifar10/cifar100 into --data-root"),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Budgeted structured pruning of CNNs.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for cmd in COMMANDS.values():
+        sub = subparsers.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        for flags, kwargs in cmd.arguments:
+            sub.add_argument(*flags, **kwargs)
+        sub.set_defaults(run=cmd.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 ok, 2 bad input, 130 interrupted)."""
+    try:
+        args = build_parser().parse_args(argv)
+        return int(args.run(args) or 0)
+    except SystemExit as exc:  # --help, --version
+        return exc.code if isinstance(exc.code, int) else 0
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except AutopruneError as exc:
+        return _fail(str(exc))
+    except OSError as exc:
+        where = f": {exc.filename}" if exc.filename else ""
+        return _fail(f"{exc.strerror or exc}{where}")
+
+
+def _fail(message: str) -> int:
+    line = "; ".join(part.strip() for part in message.splitlines() if part.strip())
+    print(f"{PROG}: error: {line or 'failed'}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _human(n: float, unit: str = "") -> str:
+    for suffix, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{suffix}{unit}"
+    return f"{int(n)}{unit}"
+
+
+def _probe(model: torch.nn.Module, shape: Sequence[int], name: str) -> torch.Tensor:
+    """A zero input of ``shape``, checked to pass through ``model`` (one clear error if not)."""
+    x = torch.zeros(1, *shape)
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+    except (RuntimeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"{name} cannot take input of shape {tuple(x.shape)}: {first}; "
+                         "try a larger --input-size / --image-size") from None
+    finally:
+        model.train(was_training)
+    return x
+
+
+def _info_model(args: argparse.Namespace) -> tuple[torch.nn.Module, tuple[int, ...], str]:
+    """The model, its per-sample input shape and a title, from --checkpoint or --model."""
+    from . import checkpoint, models
+
+    shape = (args.channels, args.input_size, args.input_size)
+    if args.checkpoint is None:
+        if args.model is None:
+            raise UsageError("info needs --model NAME or --checkpoint FILE")
+        model = models.create(args.model, num_classes=args.num_classes)
+        return model, shape, f"{args.model} ({args.num_classes} classes)"
+    model, meta = checkpoint.load_baseline(args.checkpoint)
+    arch = models.arch_of(model)
+    if args.model is not None and args.model.strip().lower() != arch["name"]:
+        raise CheckpointError(f"checkpoint {args.checkpoint} holds {arch['name']}, not "
+                              f"{args.model}; drop --model or pass --model {arch['name']}")
+    shape = tuple(meta.get("input_shape") or shape)
+    return model, shape, f"{arch['name']} ({arch['num_classes']} classes) from {args.checkpoint}"
+
+
+def _unit_shares(space) -> list[tuple[float, float]]:
+    """Per unit, the share of FLOPs and params that pruning it to ``min_width`` removes."""
+    base = space.cost()
+    shares = []
+    for unit in space.units:
+        cost = space.cost({unit.name: unit.min_width})
+        shares.append(((base.flops - cost.flops) / base.flops, (base.params - cost.params) / base.params))
+    return shares
+
+
+# --------------------------------------------------------------------------- commands
+
+
+@command(
+    "info", "list a model's prunable units and what each costs",
+    arg("--model", metavar="NAME", help="model name (see autoprune.models.available())"),
+    arg("--checkpoint", metavar="FILE", help="a baseline written by 'autoprune train'"),
+    arg("--input-size", type=POS_INT, default=32, metavar="S", help="input is SxS (default 32)"),
+    arg("--num-classes", type=POS_INT, default=10, metavar="K", help="default 10"),
+    arg("--channels", type=POS_INT, default=3, metavar="C", help="input channels (default 3)"),
+)
+def info(args: argparse.Namespace) -> int:
+    from .space import Space
+
+    model, shape, title = _info_model(args)
+    space = Space(model.eval(), _probe(model, shape, title))
+    base = space.cost()
+    print(f"{title}, input {'x'.join(map(str, (1, *shape)))}: {len(space.units)} prunable units")
+    width = max(len("unit"), *(len(u.name) for u in space.units))
+    print(f"{'unit':<{width}}  {'width':>5}  {'min':>5}  {'step':>4}  {'FLOPs':>7}  {'params':>7}")
+    for unit, (flops, params) in zip(space.units, _unit_shares(space)):
+        print(f"{unit.name:<{width}}  {unit.width:>5}  {unit.min_width:>5}  {unit.step:>4}  "
+              f"{flops:>7.1%}  {params:>7.1%}")
+    print(f"total FLOPs  {base.flops:,} ({_human(base.flops)} multiply-adds)")
+    print(f"total params {base.params:,} ({base.params / 1e6:.3f}M)")
+    return 0
+
+
+@command(
+    "train", "train a baseline model and save it as a checkpoint",
+    arg("--model", required=True, metavar="NAME", help="model name, e.g. resnet20"),
+    *DATA,
+    arg("--epochs", type=POS_INT, default=30, help="default 30"),
+    arg("--lr", type=POS_FLOAT, default=0.1, help="peak learning rate (default 0.1)"),
+    arg("--batch-size", type=POS_INT, default=64, help="default 64"),
+    SEED,
+    arg("--out", default="base.pt", metavar="FILE", help="checkpoint to write (default base.pt)"),
+    arg("--no-progress", action="store_true", help="no progress bars"),
+)
+def train(args: argparse.Namespace) -> int:
+    from . import checkpoint, data, models
+    from .train import train as fit
+
+    bundle = data.load(args.data, image_size=args.image_size, seed=args.seed,
+                       root=args.data_root, download=args.download)
+    torch.manual_seed(args.seed)
+    model = models.create(args.model, num_classes=bundle.num_classes)
+    _probe(model, bundle.input_shape, args.model)
+    history = fit(model, bundle, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                  seed=args.seed, progress=not args.no_progress)
+    checkpoint.save_baseline(args.out, model.cpu(), accuracy=history["test_acc"],
+                             data=bundle.settings | {"name": bundle.name},
+                             input_shape=list(bundle.input_shape), epochs=args.epochs,
+                             seed=args.seed, lr=args.lr, batch_size=args.batch_size,
+                             history=history)
+    print(f"{args.model} on {bundle.name}: test accuracy {history['test_acc']:.4f} "
+          f"after {args.epochs} epoch(s); saved {args.out}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,27 @@
+"""BN scale (network slimming, Liu et al., 2017): |γ| of the unit's norm layers.
+
+Coupled units (residual adds) have several norm layers; their |γ| are summed.
+Units without a norm layer fall back to nothing: they raise, naming the unit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Criterion
+
+
+class BNScale(Criterion):
+    """Sum of |γ| over the unit's normalisation layers."""
+
+    name = "bn_scale"
+
+    def score(self, space, stats):
+        out = {}
+        for unit in space.units:
+            gammas = [space.model.get_submodule(n).weight for n in unit.norms
+                      if getattr(space.model.get_submodule(n), "weight", None) is not None]
+            if not gammas:
+                raise ValueError(f"bn_scale: unit {unit.name} has no affine norm layer")
+            out[unit.name] = sum(g.detach().abs().float().cpu() for g in gammas)
+        return out
