@@ -7,7 +7,8 @@
 >>> small = ap.select(space, widths).apply(model)
 """
 
-from . import models
+from . import criteria, data, models
+from .calibrate import calibrate
 from .budget import Budget
 from .cost import Cost, fvcore_cost
 from .errors import AutopruneError, BudgetError, CheckpointError, DataError, ModelError
@@ -16,5 +17,6 @@ from .space import Space, Unit
 
 __all__ = [
     "AutopruneError", "Budget", "BudgetError", "CheckpointError", "Cost", "DataError",
-    "ModelError", "Plan", "Space", "Unit", "fvcore_cost", "load", "models", "select",
+    "ModelError", "Plan", "Space", "Unit", "calibrate", "criteria", "data", "fvcore_cost", "load",
+    "models", "select",
 ]

@@ -29,7 +29,7 @@ def _discover() -> dict[str, type[Criterion]]:
         while stack:
             cls = stack.pop()
             stack += cls.__subclasses__()
-            if getattr(cls, "name", None):
+            if getattr(cls, "name", None) and cls.__module__.startswith(__name__):
                 _REGISTRY[cls.name] = cls
     return _REGISTRY
 
