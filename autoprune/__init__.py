@@ -7,8 +7,13 @@
 >>> small = ap.select(space, widths).apply(model)
 """
 
-from . import criteria, data, models
-from .calibrate import calibrate
+import warnings
+
+# torch-pruning imports torch.jit.script, which torch 2.x marks deprecated on import.
+warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated", category=FutureWarning)
+
+from . import criteria, data, models  # noqa: E402
+from .calibrate import calibrate  # noqa: E402
 from .budget import Budget
 from .cost import Cost, fvcore_cost
 from .errors import AutopruneError, BudgetError, CheckpointError, DataError, ModelError

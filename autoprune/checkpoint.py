@@ -48,13 +48,18 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
 
 
 def load_weights(model: nn.Module, state_dict: Mapping, path: str | os.PathLike) -> nn.Module:
-    """load_state_dict, turning key/shape mismatches into one CheckpointError line."""
-    try:
-        model.load_state_dict(state_dict)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[1].strip() if "\n" in str(exc) else str(exc)
-        arch = getattr(model, "autoprune_arch", {}).get("name", type(model).__name__)
-        raise CheckpointError(f"checkpoint {path} does not fit {arch}: {first}") from exc
+    """load_state_dict, turning key/shape mismatches into one short CheckpointError line."""
+    arch = getattr(model, "autoprune_arch", {}).get("name", type(model).__name__)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    extra = [k for k in state_dict if k not in own]
+    shapes = [k for k in own if k in state_dict and own[k].shape != state_dict[k].shape]
+    problems = [f"{len(keys)} {what}, e.g. {keys[0]}" for keys, what in
+                ((missing, "missing keys"), (extra, "unexpected keys"), (shapes, "shape mismatches"))
+                if keys]
+    if problems:
+        raise CheckpointError(f"checkpoint {path} does not fit {arch}: {'; '.join(problems)}")
+    model.load_state_dict(state_dict)
     return model
 
 

@@ -8,6 +8,7 @@ line ``autoprune: error: ...`` on stderr with exit status 2 (130 on Ctrl-C).
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -57,21 +58,22 @@ def command(name: str, help: str, *arguments: tuple):
     return register
 
 
-def _number(kind: type, minimum: float, what: str) -> Callable[[str], float]:
-    """An argparse type: ``kind`` at least ``minimum`` (exclusive when ``minimum`` is 0 for 'positive')."""
+def _number(kind: type, positive: bool = True) -> Callable[[str], float]:
+    """An argparse type: a finite ``kind`` above zero (``positive``) or at least zero."""
+    what = "positive" if positive else "non-negative"
+
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             value = None
-        if value is None or value < minimum or (what == "positive" and value <= 0):
+        if value is None or not math.isfinite(value) or value < 0 or (positive and value == 0):
             raise argparse.ArgumentTypeError(f"expected a {what} {kind.__name__}, got {text!r}")
         return value
     return parse
 
 
-POS_INT, POS_FLOAT, NONNEG_INT = (_number(int, 0, "positive"), _number(float, 0, "positive"),
-                                  _number(int, 0, "non-negative"))
+POS_INT, POS_FLOAT, NONNEG_INT = _number(int), _number(float), _number(int, positive=False)
 
 SEED = arg("--seed", type=NONNEG_INT, default=0, help="fixes data splits, shuffling and init (default 0)")
 DATA = (
@@ -111,8 +113,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(f"{exc.strerror or exc}{where}")
 
 
-def _fail(message: str) -> int:
+def _fail(message: str, limit: int = 400) -> int:
+    """Print ``message`` as one line (long lists, e.g. of state_dict keys, shortened)."""
     line = "; ".join(part.strip() for part in message.splitlines() if part.strip())
+    if len(line) > limit:
+        line = f"{line[:limit - 30].rstrip()} ... ({len(line) - limit + 30} more characters)"
     print(f"{PROG}: error: {line or 'failed'}", file=sys.stderr)
     return EXIT_USAGE
 

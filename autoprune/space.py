@@ -139,6 +139,7 @@ class Space:
         graph = build_graph(model, example_input)
         self.units, self.maps = _units_and_maps(model, graph, self.ignored, min_width, round_to or 1)
         self._check_units(model)
+        self._by_name = {u.name: u for u in self.units}
         from .cost import CostModel  # local import: cost.py imports this module
         self.cost_model = CostModel.measure(model, example_input, self, graph)
 
@@ -154,9 +155,8 @@ class Space:
 
     def unit(self, name: str) -> Unit:
         """The unit called ``name``; ModelError listing near names if absent."""
-        for u in self.units:
-            if u.name == name:
-                return u
+        if name in self._by_name:
+            return self._by_name[name]
         import difflib
         near = difflib.get_close_matches(name, self.unit_names, n=3)
         raise ModelError(f"no prunable unit named {name!r}" + (f"; did you mean {near}?" if near else ""))
