@@ -19,7 +19,8 @@ from torch import nn
 
 from . import models
 from .checkpoint import atomic_save, load_weights, read_checkpoint
-from .errors import CheckpointError
+from .errors import CheckpointError, ModelError
+from .selfgroup import apply_self_grouping
 from .criteria.magnitude import filter_norms
 from .space import Space, build_graph
 
@@ -28,12 +29,18 @@ FORMAT = "autoprune-plan/1"
 
 @dataclass
 class Plan:
-    """Per unit, the sorted indices of the channels kept (units absent are kept whole)."""
+    """Per unit, the sorted indices of the channels kept (units absent are kept whole).
+
+    ``selfgroup`` optionally turns convs of the pruned model into SG-CNN diverse
+    group convolutions (conv name → filter groups and their input sets), applied
+    after channel pruning.
+    """
 
     keep: dict[str, list[int]]
     widths: dict[str, int]
     input_shape: tuple[int, ...]
     meta: dict = field(default_factory=dict)
+    selfgroup: dict = field(default_factory=dict)
 
     def kept_widths(self) -> dict[str, int]:
         return {name: len(idx) for name, idx in self.keep.items()}
@@ -48,23 +55,26 @@ class Plan:
             if drop:
                 pruner = graph.get_pruner_of_module(root)
                 graph.get_pruning_group(root, pruner.prune_out_channels, drop).prune()
+        if self.selfgroup:
+            pruned = apply_self_grouping(pruned, self.selfgroup, copy=False)
         return pruned
 
     def to_dict(self) -> dict:
-        return {"format": FORMAT, "input_shape": list(self.input_shape),
-                "widths": self.widths, "keep": self.keep, "meta": self.meta}
+        return {"format": FORMAT, "input_shape": list(self.input_shape), "widths": self.widths,
+                "keep": self.keep, "meta": self.meta, "selfgroup": self.selfgroup}
 
     def to_json(self, indent: int = 1) -> str:
         """Human-readable JSON: per unit the original width, kept count and indices."""
         units = {n: {"width": self.widths[n], "kept": len(k), "keep": k} for n, k in self.keep.items()}
         return json.dumps({"format": FORMAT, "input_shape": list(self.input_shape),
-                           "units": units, "meta": self.meta}, indent=indent)
+                           "units": units, "meta": self.meta, "selfgroup": self.selfgroup},
+                          indent=indent)
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "Plan":
         return cls({k: list(map(int, v)) for k, v in d["keep"].items()},
                    {k: int(v) for k, v in d["widths"].items()},
-                   tuple(d["input_shape"]), dict(d.get("meta", {})))
+                   tuple(d["input_shape"]), dict(d.get("meta", {})), dict(d.get("selfgroup", {})))
 
     def save(self, path: str | os.PathLike, pruned: nn.Module) -> None:
         """Write the plan, the architecture and ``pruned``'s weights to one file, atomically."""
@@ -89,7 +99,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
     plan = Plan.from_dict(data["plan"])
     try:
         pruned = plan.apply(model)
-    except (KeyError, AttributeError, IndexError) as exc:
+    except (KeyError, AttributeError, IndexError, ModelError) as exc:
         raise CheckpointError(f"plan in {path} does not fit {type(model).__name__}: {exc}") from exc
     return load_weights(pruned, data["state_dict"], path).eval()
 
