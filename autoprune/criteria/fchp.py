@@ -1,0 +1,131 @@
+"""FCHP (IEEE TCSVT 32:6807, 2022): discriminative content and next-layer correlation.
+
+**Reconstruction** (METHODS.md §3; no code or full text was available): a channel's
+discriminative feature is the rank-k SVD reconstruction of its pre-BN H×W map, and its
+score the content ``d_c = mean_i Σ_{j<k} σ_j(F[i, c])`` (k param, default 2). For
+grouping ("hierarchies"), each channel gets a profile: the Pearson correlations
+(flattened maps, mean over images) between its discriminative feature and every channel
+of the next unit's pre-BN maps, adaptively average-pooled to this unit's H×W;
+:func:`autoprune.grouping.cluster` ("fchp") runs k-means over the profiles.
+
+The next unit is the one owning the first of this unit's consumers that is a root layer
+of another unit. Its map is that unit's ``pre`` tap, i.e. the output of its *first* root
+layer; when the consumer is a later root of a coupled (residual) unit, that map is the
+same channels read at another depth (an approximation the paper does not need to make).
+A unit with no next unit gets an empty profile and falls back to one cluster; a linear
+unit ([N, C] maps, 1×1) has constant maps, so its correlations are 0.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .base import Batch, Criterion
+from .hpse import as_images
+
+
+def svd_content(maps: torch.Tensor, k: int = 2) -> torch.Tensor:
+    """Per image and channel, the sum of the top-k singular values of each H×W map [N, C]."""
+    s = torch.linalg.svdvals(as_images(maps).float())
+    return s[..., :k].sum(-1)
+
+
+def discriminative(maps: torch.Tensor, k: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rank-k reconstructions [N, C, H, W], content [N, C]) of maps [N, C, H, W].
+
+    The reconstruction projects each map onto its top-k singular vectors, found by an
+    eigendecomposition of the smaller Gram matrix in float64 (same result as a full SVD,
+    several times faster for many small maps on CPU); the content uses ``svdvals``.
+    """
+    x = as_images(maps).float()
+    content = svd_content(x, k)
+    xd = x.double()
+    tall = x.shape[-2] > x.shape[-1]
+    gram = xd.transpose(-1, -2) @ xd if tall else xd @ xd.transpose(-1, -2)
+    vecs = torch.linalg.eigh(gram).eigenvectors[..., -min(k, gram.shape[-1]):]  # ascending order
+    proj = vecs @ vecs.transpose(-1, -2)
+    recon = xd @ proj if tall else proj @ xd
+    return recon.to(x.dtype), content
+
+
+def pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per image, correlations [N, Ca, Cb] between flattened maps a [N, Ca, ...] and b [N, Cb, ...].
+
+    A constant map correlates 0 with everything.
+    """
+    a = a.flatten(2).double()
+    b = b.flatten(2).double()
+    a = a - a.mean(2, keepdim=True)
+    b = b - b.mean(2, keepdim=True)
+    a = a / a.norm(dim=2, keepdim=True).clamp_min(1e-12)
+    b = b / b.norm(dim=2, keepdim=True).clamp_min(1e-12)
+    return a @ b.transpose(1, 2)
+
+
+def next_unit(space, unit):
+    """The unit owning the first of ``unit``'s consumers that is a root layer (any of its
+    ``modules``) of another unit, or None."""
+    owner = {}
+    for other in space.units:
+        if other.name != unit.name:
+            for m in other.modules:
+                owner.setdefault(m, other)
+    for name, _, _ in unit.consumers:
+        if name in owner:
+            return owner[name]
+    return None
+
+
+class FCHP(Criterion):
+    """Discriminative content d_c (top-k singular values); also correlation profiles.
+
+    Params: ``k`` SVD rank (default 2). State per unit: ``d`` [C] summed content,
+    ``corr`` [C, C_next] summed correlation profiles (C_next = 0 without a next unit),
+    ``n`` image count.
+    """
+
+    name = "fchp"
+    tap = "pre"
+
+    def __init__(self, **params) -> None:
+        super().__init__(**params)
+        self._next: dict[str, str | None] = {}
+
+    def _rank(self) -> int:
+        k = int(self.params.get("k", 2))
+        if k < 1:
+            raise ValueError(f"fchp: SVD rank k must be >= 1, got {k}")
+        return k
+
+    def init(self, unit, space):
+        nxt = next_unit(space, unit)
+        self._next[unit.name] = nxt.name if nxt else None
+        return {"d": torch.zeros(unit.width, dtype=torch.double),
+                "corr": torch.zeros(unit.width, nxt.width if nxt else 0, dtype=torch.double),
+                "n": torch.zeros((), dtype=torch.double)}
+
+    def update(self, unit, state, batch: Batch):
+        maps = as_images(batch.maps[("pre", unit.name)])
+        k = self._rank()
+        nxt = self._next.get(unit.name)
+        if nxt is None and state["corr"].shape[1]:
+            raise RuntimeError(f"fchp: update before init for unit {unit.name}")
+        state["n"] += maps.shape[0]
+        if nxt is None:
+            state["d"] += svd_content(maps, k).sum(0).double().cpu()
+            return
+        recon, content = discriminative(maps, k)
+        state["d"] += content.sum(0).double().cpu()
+        other = as_images(batch.maps[("pre", nxt)]).float()
+        other = F.adaptive_avg_pool2d(other, maps.shape[-2:])
+        state["corr"] += pearson(recon, other).sum(0).cpu()
+
+    def score(self, space, stats):
+        out = {}
+        for unit in space.units:
+            state = stats.of(self.name)[unit.name]
+            if float(state["n"]) == 0:
+                raise ValueError(f"fchp: no calibration images were seen for unit {unit.name}")
+            out[unit.name] = (state["d"] / state["n"]).float()
+        return out
