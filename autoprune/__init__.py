@@ -19,9 +19,11 @@ from .cost import Cost, fvcore_cost
 from .errors import AutopruneError, BudgetError, CheckpointError, DataError, ModelError
 from .plan import Plan, load, select
 from .space import Space, Unit
+from .wsp import wsp_plan, wsp_widths
+from .criteria.fpar import attention as fpar_attention, fpar_scores
 
 __all__ = [
     "AutopruneError", "Budget", "BudgetError", "CheckpointError", "Cost", "DataError",
-    "ModelError", "Plan", "Space", "Unit", "calibrate", "criteria", "data", "fvcore_cost", "load",
+    "ModelError", "Plan", "fpar_attention", "fpar_scores", "wsp_plan", "wsp_widths", "Space", "Unit", "calibrate", "criteria", "data", "fvcore_cost", "load",
     "models", "select",
 ]

@@ -1,0 +1,55 @@
+"""First-order Taylor importance (Molchanov et al., ICLR 2017): |a · ∂L/∂a|.
+
+Removing channel c changes the loss by about ``a_c · ∂L/∂a_c`` (a first-order
+expansion around the current activation). Per image ``i`` with loss ``ℓ_i``
+(cross-entropy of that image), the channel's contribution is summed over its spatial
+positions and the absolute value taken; the score is the mean over images::
+
+    Θ_c = mean_i | Σ_hw a[i,c,h,w] · ∂ℓ_i/∂a[i,c,h,w] |
+
+Read at the ``post`` tap (the unit's channels as the next layer reads them, after
+the activation). Calibration differentiates the batch-mean loss, so gradients are
+multiplied by the batch size to get each image's own ``∂ℓ_i/∂a``; the score thus does
+not depend on how images are batched.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Batch, Criterion
+
+
+class Taylor(Criterion):
+    """Mean over images of |Σ_spatial a·∂ℓ/∂a| per channel (tap ``post``, needs gradients)."""
+
+    name = "taylor"
+    tap = "post"
+    needs_grad = True
+
+    def init(self, unit, space):
+        return {"sum": torch.zeros(unit.width, dtype=torch.double),
+                "count": torch.zeros((), dtype=torch.double)}
+
+    def update(self, unit, state, batch: Batch) -> None:
+        key = ("post", unit.name)
+        a = batch.maps.get(key)
+        if a is None:
+            return
+        n = a.shape[0]
+        g = batch.grads.get(key)
+        if g is not None:  # no gradient: the channels do not reach the loss (contribution 0)
+            prod = (a.double() * g.double() * n).reshape(n, unit.width, -1).sum(2)
+            state["sum"] += prod.abs().sum(0).cpu()
+        state["count"] += n
+
+    def score(self, space, stats):
+        out = {}
+        for unit, state in stats.of(self.name).items():
+            if float(state["count"]) <= 0:
+                raise ValueError(f"taylor: no calibration image reached unit {unit}")
+            out[unit] = (state["sum"] / state["count"]).float()
+        return out
+
+
+__all__ = ["Taylor"]
