@@ -121,6 +121,18 @@ def calibrate(space: Space, model: nn.Module, batches: Iterable, criteria: Seque
     return stats
 
 
+@contextmanager
+def _single_thread() -> Iterator[None]:
+    """Run criterion updates on one thread: batched small-matrix LAPACK calls (SVD,
+    eigh, rank) are 5-100x slower multi-threaded on a busy CPU, and gain nothing."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _chain(first, rest: Iterator) -> Iterator:
     yield first
     yield from rest
@@ -140,9 +152,10 @@ def _run(space: Space, model: nn.Module, batches: Iterator, crits: list[Criterio
             for x, y in batches:
                 x, y = x[: n_images - seen].to(device), y[: n_images - seen].to(device)
                 batch = _forward(model, captured, views, x, y, grad) if taps else Batch({}, {}, y)
-                for c in crits:
-                    for u in space.units:
-                        c.update(u, states[c.name][u.name], batch)
+                with _single_thread():
+                    for c in crits:
+                        for u in space.units:
+                            c.update(u, states[c.name][u.name], batch)
                 seen += len(x)
                 bar.update(len(x))
                 if seen >= n_images:

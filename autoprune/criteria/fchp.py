@@ -36,14 +36,17 @@ def discriminative(maps: torch.Tensor, k: int = 2) -> tuple[torch.Tensor, torch.
 
     The reconstruction projects each map onto its top-k singular vectors, found by an
     eigendecomposition of the smaller Gram matrix in float64 (same result as a full SVD,
-    several times faster for many small maps on CPU); the content uses ``svdvals``.
+    several times faster for many small maps on CPU); the content is the sum of the
+    square roots of the same top-k eigenvalues (the top-k singular values).
     """
     x = as_images(maps).float()
-    content = svd_content(x, k)
     xd = x.double()
     tall = x.shape[-2] > x.shape[-1]
     gram = xd.transpose(-1, -2) @ xd if tall else xd @ xd.transpose(-1, -2)
-    vecs = torch.linalg.eigh(gram).eigenvectors[..., -min(k, gram.shape[-1]):]  # ascending order
+    vals, vecs = torch.linalg.eigh(gram)  # ascending order
+    top = min(k, gram.shape[-1])
+    content = vals[..., -top:].clamp_min(0).sqrt().sum(-1).to(x.dtype)
+    vecs = vecs[..., -top:]
     proj = vecs @ vecs.transpose(-1, -2)
     recon = xd @ proj if tall else proj @ xd
     return recon.to(x.dtype), content
