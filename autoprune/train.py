@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import sys
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -56,6 +57,15 @@ def accuracy(model: nn.Module, dataset: Dataset, batch_size: int = 256,
     return correct / total if total else math.nan
 
 
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def cross_entropy(label_smoothing: float = 0.0) -> LossFn:
+    """The loss ``(model, images, labels) -> CE(model(images), labels)``."""
+    criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    return lambda model, images, labels: criterion(model(images), labels)
+
+
 def train(model: nn.Module, data: DataBundle, epochs: int, lr: float = 0.1, batch_size: int = 64,
           weight_decay: float = 5e-4, momentum: float = 0.9, seed: int = 0,
           label_smoothing: float = 0.0, device: torch.device | str | None = None,
@@ -66,6 +76,15 @@ def train(model: nn.Module, data: DataBundle, epochs: int, lr: float = 0.1, batc
     ``test_acc`` (after the last epoch). ``seed`` fixes the shuffling order and any
     randomness inside the model, so equal arguments give equal weights (on the CPU).
     """
+    return fit(model, data, epochs, cross_entropy(label_smoothing), lr=lr, batch_size=batch_size,
+               weight_decay=weight_decay, momentum=momentum, seed=seed, device=device,
+               progress=progress)
+
+
+def fit(model: nn.Module, data: DataBundle, epochs: int, loss_fn: LossFn, lr: float,
+        batch_size: int = 64, weight_decay: float = 5e-4, momentum: float = 0.9, seed: int = 0,
+        device: torch.device | str | None = None, progress: bool = True) -> dict:
+    """Epochs of :func:`sgd` minimising ``loss_fn(model, images, labels)``; history as :func:`train`."""
     if epochs < 1 or batch_size < 1 or lr <= 0:
         raise ValueError(f"need epochs >= 1, batch_size >= 1 and lr > 0, got "
                          f"epochs={epochs}, batch_size={batch_size}, lr={lr}")
@@ -73,14 +92,12 @@ def train(model: nn.Module, data: DataBundle, epochs: int, lr: float = 0.1, batc
     device = torch.device(device) if device is not None else default_device()
     model.to(device)
     batches = loader(data.train, batch_size=batch_size, shuffle=True, seed=seed)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum,
-                                weight_decay=weight_decay, nesterov=momentum > 0)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * len(batches))
-    criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    optimizer, schedule = sgd(model, lr, epochs * len(batches), momentum, weight_decay)
     history: dict = {"train_loss": [], "val_acc": []}
     for epoch in range(epochs):
         bar = _bar(len(batches), f"epoch {epoch + 1}/{epochs}", progress)
-        loss = _epoch(model, batches, bar, optimizer, schedule, criterion, device, epoch)
+        loss, _ = sgd_steps(model, batches, optimizer, schedule, loss_fn, device, bar,
+                            diverged=_diverged_in(epoch))
         history["train_loss"].append(loss)
         history["val_acc"].append(accuracy(model, data.val, device=device))
         bar.set_postfix(loss=f"{loss:.4f}", val_acc=f"{history['val_acc'][-1]:.4f}")
@@ -89,30 +106,52 @@ def train(model: nn.Module, data: DataBundle, epochs: int, lr: float = 0.1, batc
     return history
 
 
+def sgd(model: nn.Module, lr: float, total_steps: int, momentum: float = 0.9,
+        weight_decay: float = 5e-4) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """SGD (Nesterov when ``momentum > 0``) and a cosine LR decaying to 0 over ``total_steps``."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum,
+                                weight_decay=weight_decay, nesterov=momentum > 0)
+    return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
+
+
+def sgd_steps(model: nn.Module, batches: Iterable, optimizer: torch.optim.Optimizer,
+              schedule: torch.optim.lr_scheduler.LRScheduler, loss_fn: LossFn,
+              device: torch.device, bar=None,
+              diverged: Callable[[int, float], Exception] | None = None) -> tuple[float, float]:
+    """One optimizer + schedule step per ``(images, labels)`` batch in train mode.
+
+    Returns the per-sample mean loss and the last batch's loss. A non-finite loss raises
+    ``diverged(step, loss)`` (steps count from 1), by default a :class:`TrainingError`.
+    """
+    diverged = diverged or _diverged_in(None)
+    model.train()
+    total, count, last = 0.0, 0, math.nan
+    for step, (images, labels) in enumerate(batches, start=1):
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        loss = loss_fn(model, images, labels)
+        last = loss.item()
+        if not math.isfinite(last):
+            raise diverged(step, last)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        total += last * len(labels)
+        count += len(labels)
+        if bar is not None:
+            bar.set_postfix(loss=f"{total / count:.4f}", refresh=False)
+            bar.update()
+    return total / max(count, 1), last
+
+
+def _diverged_in(epoch: int | None) -> Callable[[int, float], Exception]:
+    where = f"epoch {epoch + 1}, " if epoch is not None else ""
+    return lambda step, loss: TrainingError(
+        f"training diverged: loss is {loss} at {where}step {step}; use a lower learning rate (--lr)")
+
+
 def _bar(total: int, desc: str, progress: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, file=sys.stderr, disable=not progress, leave=True,
                 dynamic_ncols=True)
-
-
-def _epoch(model: nn.Module, batches, bar, optimizer, schedule, criterion, device,
-           epoch: int) -> float:
-    """One pass over the training batches, advancing ``bar``; the mean loss."""
-    model.train()
-    total, count = 0.0, 0
-    for step, (images, labels) in enumerate(batches):
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        loss = criterion(model(images), labels)
-        if not torch.isfinite(loss):
-            raise TrainingError(f"training diverged: loss is {loss.item()} at epoch {epoch + 1}, "
-                                f"step {step + 1}; use a lower learning rate (--lr)")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        total += loss.item() * len(labels)
-        count += len(labels)
-        bar.set_postfix(loss=f"{total / count:.4f}", refresh=False)
-        bar.update()
-    return total / max(count, 1)
