@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Mapping
 
@@ -18,18 +19,31 @@ from . import models
 from .errors import CheckpointError
 
 
-def atomic_save(obj: object, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file, then rename: an interruption never leaves half a file."""
+@contextmanager
+def _atomic(path: str | os.PathLike, mode: str):
+    """A file object on a temporary sibling of ``path``, renamed over it on success."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        with os.fdopen(fd, mode) as f:
+            yield f
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_save(obj: object, path: str | os.PathLike) -> None:
+    """torch.save to a temporary file, then rename: an interruption never leaves half a file."""
+    with _atomic(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` atomically (same temporary-file-and-rename scheme)."""
+    with _atomic(path, "w") as f:
+        f.write(text)
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict:

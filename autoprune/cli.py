@@ -11,6 +11,7 @@ import argparse
 import math
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -76,13 +77,19 @@ def _number(kind: type, positive: bool = True) -> Callable[[str], float]:
 POS_INT, POS_FLOAT, NONNEG_INT = _number(int), _number(float), _number(int, positive=False)
 
 SEED = arg("--seed", type=NONNEG_INT, default=0, help="fixes data splits, shuffling and init (default 0)")
-DATA = (
-    arg("--data", required=True, metavar="NAME",
-        help="digits, synthetic, cifar10, cifar100 or imagefolder:PATH"),
-    arg("--image-size", type=POS_INT, metavar="N", help="resize images to NxN (dataset default)"),
-    arg("--data-root", metavar="DIR", help="folder holding cifar10/cifar100 files"),
-    arg("--download", action="store_true", help="download cifar10/cifar100 into --data-root"),
-)
+def data_args(required: bool) -> tuple:
+    """--data and its options; optional where a checkpoint can name its own data."""
+    return (
+        arg("--data", required=required, metavar="NAME",
+            help="digits, synthetic, cifar10, cifar100 or imagefolder:PATH"
+                 + ("" if required else " (default: the checkpoint's)")),
+        arg("--image-size", type=POS_INT, metavar="N", help="resize images to NxN (dataset default)"),
+        arg("--data-root", metavar="DIR", help="folder holding cifar10/cifar100 files"),
+        arg("--download", action="store_true", help="download cifar10/cifar100 into --data-root"),
+    )
+
+
+DATA = data_args(required=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -234,6 +241,118 @@ def train(args: argparse.Namespace) -> int:
                              history=history)
     print(f"{args.model} on {bundle.name}: test accuracy {history['test_acc']:.4f} "
           f"after {args.epochs} epoch(s); saved {args.out}")
+    return 0
+
+
+def _budget(args: argparse.Namespace) -> str:
+    """--flops 50% / --params 1.2M as a budget string (exactly one of them)."""
+    if (args.flops is None) == (args.params is None):
+        raise UsageError("give exactly one budget: --flops VALUE or --params VALUE (e.g. --flops 50%)")
+    kind, value = ("flops", args.flops) if args.flops is not None else ("params", args.params)
+    return f"{kind}<={value}"
+
+
+def _criterion(text: str | None):
+    """'di' or a mix 'di:0.6,hpse:0.4'."""
+    if text is None or ":" not in text:
+        return text
+    weights = {}
+    for part in text.split(","):
+        name, _, w = part.partition(":")
+        try:
+            weights[name.strip()] = float(w)
+        except ValueError:
+            raise UsageError(f"--criterion mix {text!r}: weight {w!r} is not a number "
+                             "(write NAME:WEIGHT,NAME:WEIGHT)") from None
+    return weights
+
+
+def _writable(out: str) -> Path:
+    """The --out folder, created and checked writable before any long work starts."""
+    path = Path(out)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".autoprune-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise AutopruneError(f"cannot write to --out {out}: {exc.strerror or exc}") from None
+    return path
+
+
+def _prune_inputs(args: argparse.Namespace):
+    """(model, data) from --checkpoint (its data by default) or --model/--data (cached baseline)."""
+    from . import checkpoint, data
+    from .baseline import cached_baseline, check_compatible
+
+    if args.checkpoint is None:
+        if args.model is None or args.data is None:
+            raise UsageError("give --checkpoint FILE, or --model NAME and --data NAME")
+        bundle = data.load(args.data, image_size=args.image_size, seed=args.seed,
+                           root=args.data_root, download=args.download)
+        model, _ = cached_baseline(args.model, bundle, epochs=args.baseline_epochs, seed=args.seed,
+                                   progress=not args.no_progress)
+        return model, bundle
+    model, meta = checkpoint.load_baseline(args.checkpoint)
+    saved = meta.get("data", {})
+    name = args.data or saved.get("name")
+    if name is None:
+        raise UsageError(f"{args.checkpoint} does not record its dataset; pass --data NAME")
+    size = args.image_size or (saved.get("image_size") if name == saved.get("name") else None)
+    bundle = data.load(name, image_size=size, seed=args.seed, root=args.data_root,
+                       download=args.download)
+    check_compatible(model, bundle, f"checkpoint {args.checkpoint}")
+    return model, bundle
+
+
+def _summary(report: dict) -> None:
+    base, pruned = report["base"], report["pruned"]
+    rows = [("FLOPs", _human(base["flops"]), _human(pruned["flops"]), pruned["flops"] / base["flops"]),
+            ("params", _human(base["params"]), _human(pruned["params"]), pruned["params"] / base["params"]),
+            ("accuracy", f"{base['accuracy']:.4f}", f"{pruned['accuracy']:.4f}", None),
+            ("latency ms", f"{base['latency_ms']:.2f}", f"{pruned['latency_ms']:.2f}",
+             pruned["latency_ms"] / base["latency_ms"])]
+    b = report["budget"]
+    crit = ", ".join(f"{k}:{v:g}" for k, v in report["criterion"].items())
+    print(f"{report['method']} ({crit}) at {b['spec']}: realized "
+          f"{b['realized_ratio']:.2%} of base {b['kind']} ({'within' if b['within_tolerance'] else 'outside'} 0.5% of target)")
+    print(f"{'':<11}{'base':>10}{'pruned':>10}{'ratio':>8}")
+    for label, x, y, r in rows:
+        print(f"{label:<11}{x:>10}{y:>10}{'' if r is None else f'{r:.3f}':>8}")
+
+
+@command(
+    "prune", "prune a model to a FLOPs or params budget and fine-tune it",
+    arg("--checkpoint", metavar="FILE", help="baseline from 'autoprune train'"),
+    arg("--model", metavar="NAME", help="without --checkpoint: train (and cache) this baseline"),
+    *data_args(required=False),
+    arg("--flops", metavar="V", help="FLOPs that remain: 50%%, 0.5 or 62M"),
+    arg("--params", metavar="V", help="parameters that remain: 50%% or 1.2M"),
+    arg("--method", default="greedy", help="greedy (default), uniform or wsp"),
+    arg("--criterion", metavar="C", help="di (default), hpse, fchp, hrank, taylor, l1, ... or a mix di:0.6,hpse:0.4"),
+    arg("--clusters", metavar="M", help="keep channels per cluster: hpse, fchp or sg"),
+    arg("--greedy-mode", default="criterion", help="criterion (default, fast) or accuracy"),
+    arg("--epochs", type=NONNEG_INT, default=5, help="fine-tuning epochs (default 5)"),
+    arg("--lr", type=POS_FLOAT, default=0.01, help="fine-tuning learning rate (default 0.01)"),
+    arg("--distill", action="store_true", help="fine-tune with distillation from the dense model"),
+    arg("--baseline-epochs", type=POS_INT, default=30, help="epochs when training the baseline (default 30)"),
+    arg("--calib-images", type=POS_INT, default=512, help="calibration images (default 512)"),
+    SEED,
+    arg("--out", required=True, metavar="DIR", help="receives model.pt, plan.json, report.json, widths.png"),
+    arg("--no-progress", action="store_true", help="no progress bars"),
+)
+def prune(args: argparse.Namespace) -> int:
+    from .prune import prune as run
+
+    budget = _budget(args)
+    out = _writable(args.out)
+    model, bundle = _prune_inputs(args)
+    result = run(model, bundle, budget, method=args.method, criterion=_criterion(args.criterion),
+                 clusters=args.clusters, finetune_epochs=args.epochs, lr=args.lr,
+                 distill=args.distill, seed=args.seed, calib_images=args.calib_images,
+                 greedy_mode=args.greedy_mode, out=out, progress=not args.no_progress)
+    _summary(result.report)
+    print(f"saved {out / 'model.pt'} (load with autoprune.load), plan.json, report.json, widths.png")
     return 0
 
 

@@ -1,0 +1,189 @@
+"""``autoprune.prune``: budget in, pruned and fine-tuned model plus an honest report out.
+
+One pipeline for every width method: Space → calibration (once) → scores (a
+criterion or a mix) → widths (uniform, greedy or WSP, each fitted to the budget)
+→ Plan → physical pruning → adaptive BN → fine-tuning → evaluation → report.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import criteria as _criteria
+from . import evaluate, grouping
+from .budget import Budget, _fill
+from .calibrate import calibrate
+from .criteria.base import Stats
+from .cost import fvcore_cost
+from .data import DataBundle, loader
+from .errors import AutopruneError
+from .greedy import MaskedEvaluator, greedy_widths
+from .plan import Plan, select
+from .space import Space
+
+METHODS = ("uniform", "greedy", "wsp")
+CLUSTER_METHODS = ("hpse", "fchp", "sg")
+
+
+@dataclass
+class Result:
+    """The pruned model, its Plan and the report (the same dict as report.json)."""
+
+    model: nn.Module
+    plan: Plan
+    report: dict
+
+
+def _weights(criterion: "str | Mapping[str, float]") -> dict[str, float]:
+    """A criterion name or a mix {name: weight}, checked against the registry."""
+    weights = {criterion: 1.0} if isinstance(criterion, str) else dict(criterion)
+    for name in weights:
+        _criteria.get(name)
+    return weights
+
+
+def _calibration_specs(weights: Mapping[str, float], clusters: str | None, num_classes: int) -> list:
+    names = [n for n in weights if _criteria.get(n).taps()]
+    if clusters in ("hpse", "fchp") and clusters not in names:
+        names.append(clusters)
+    return [(n, {"num_classes": num_classes}) if n == "di" else n for n in names]
+
+
+def _scores(space: Space, stats, weights: Mapping[str, float], num_classes: int) -> dict:
+    def one(name):
+        params = {"num_classes": num_classes} if name == "di" else {}
+        return _criteria.score(name, space, stats, **params)
+    if len(weights) == 1:
+        return one(next(iter(weights)))
+    return _criteria.mix(weights, {n: one(n) for n in weights})
+
+
+def choose_widths(method: str, space: Space, budget: Budget, scores: dict, stats,
+                  evaluator: MaskedEvaluator | None = None, greedy_mode: str = "criterion",
+                  greedy_step: float = 0.005, wsp_variant: str = "weight",
+                  progress: bool = True) -> tuple[dict[str, int], list[dict]]:
+    """Widths meeting ``budget`` by ``method``, and its trajectory (greedy only)."""
+    if method == "uniform":
+        return space.fit({u.name: 0.5 for u in space.units}, budget), []
+    if method == "greedy":
+        result = greedy_widths(space, scores, budget, step=greedy_step, mode=greedy_mode,
+                               evaluator=evaluator, progress=progress)
+        return result.widths, result.trajectory
+    if method == "wsp":  # the weak set at the smallest p that fits, then topped up to the budget
+        from .wsp import wsp_widths
+        widths = wsp_widths(space, stats, budget=budget, variant=wsp_variant)
+        wanted = np.array([widths[u.name] for u in space.units], dtype=float)
+        return _fill(space, widths, wanted, budget.kind, budget.target(space)), []
+    raise AutopruneError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+
+
+def prune(model: nn.Module, data: DataBundle, budget: "str | Budget" = "flops<=50%",
+          method: str = "greedy", criterion: "str | Mapping[str, float] | None" = None,
+          clusters: str | None = None, cluster_k: int | None = None, finetune_epochs: int = 5,
+          lr: float = 0.01, distill: bool = False, seed: int = 0, calib_images: int = 512,
+          bn_batches: int = 50, greedy_mode: str = "criterion", greedy_step: float = 0.005,
+          out: str | Path | None = None, progress: bool = True,
+          device: str | torch.device | None = None) -> Result:
+    """Prune ``model`` to ``budget`` on ``data`` and fine-tune it; see the module doc.
+
+    ``criterion`` is a name or a mix {name: weight}; by default ``di`` (``wsp``'s own
+    saliency for method ``wsp``). ``clusters`` (hpse, fchp, sg) keeps channels from
+    every cluster in proportion. ``greedy_mode="accuracy"`` scores greedy steps by
+    validation accuracy (the DI authors' way) instead of criterion loss per FLOP.
+
+    >>> result = autoprune.prune(model, autoprune.data.load("digits"), "flops<=50%")
+    >>> result.report["pruned"]["accuracy"]
+    """
+    start = time.time()
+    if method not in METHODS:
+        raise AutopruneError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if clusters is not None and clusters not in CLUSTER_METHODS:
+        raise AutopruneError(f"unknown clusters {clusters!r}; choose one of {', '.join(CLUSTER_METHODS)}")
+    weights = _weights(criterion or ("wsp" if method == "wsp" else "di"))
+    torch.manual_seed(seed)
+    device = torch.device(device) if device else evaluate.default_device()
+    model = model.to(device).eval()
+    space = Space(model, torch.zeros(1, *data.input_shape, device=device))
+    budget = Budget.parse(budget)
+    budget.target(space)
+    batches = loader(data.train, batch_size=64, shuffle=True, seed=seed)
+    specs = _calibration_specs(weights, clusters, data.num_classes)
+    stats = calibrate(space, model, batches, specs, n_images=calib_images, device=device,
+                      progress=progress) if specs else Stats()
+    scores = _scores(space, stats, weights, data.num_classes)
+    evaluator = _evaluator(model, space, data, seed, bn_batches) if greedy_mode == "accuracy" else None
+    widths, trajectory = choose_widths(method, space, budget, scores, stats, evaluator,
+                                       greedy_mode, greedy_step, progress=progress)
+    labels = grouping.cluster(clusters, space, stats, cluster_k) if clusters else None
+    plan = select(space, widths, scores=scores, clusters=labels)
+    plan.meta = {"method": method, "criterion": weights, "budget": str(budget), "seed": seed}
+    small = plan.apply(model)
+    report = _finish(model, small, data, space, budget, widths, seed, finetune_epochs, lr,
+                     distill, bn_batches, progress, device)
+    report.update(method=method, criterion=weights, clusters=clusters, seed=seed,
+                  trajectory=trajectory, elapsed_s=round(time.time() - start, 2))
+    if out is not None:
+        write_outputs(Path(out), plan, small, report)
+    return Result(small, plan, report)
+
+
+def _evaluator(model, space, data, seed, bn_batches) -> MaskedEvaluator:
+    val = list(loader(data.val, batch_size=256))
+    train = list(loader(data.train, batch_size=64, shuffle=True, seed=seed))[:bn_batches]
+    return MaskedEvaluator(model, space, val, train, bn_fn=lambda m, b: evaluate.adaptive_bn(m, b))
+
+
+def _finish(model, small, data, space, budget, widths, seed, epochs, lr, distill, bn_batches,
+            progress, device) -> dict:
+    """Adaptive BN, fine-tune and measure base vs pruned; the report's core."""
+    shape = tuple(data.input_shape)
+    base = _measure(model, data, shape, device)
+    evaluate.adaptive_bn(small, data.train, n_batches=bn_batches, seed=seed, device=device)
+    after_bn = evaluate.accuracy(small, data.test, device=device)
+    history = {}
+    if epochs > 0:
+        history = evaluate.finetune(small, data, epochs, lr=lr, seed=seed, progress=progress,
+                                    teacher=model if distill else None, device=device)
+    pruned = _measure(small.eval(), data, shape, device)
+    pruned["accuracy_adaptive_bn"] = after_bn
+    realized = budget.describe(space, widths)
+    return {"budget": realized,
+            "data": {"name": data.name, "settings": data.settings, "input_shape": list(shape)},
+            "base": base, "pruned": pruned, "finetune": {"epochs": epochs, "lr": lr,
+                                                         "distill": distill, "history": history},
+            "widths": {u.name: [widths[u.name], u.width] for u in space.units}}
+
+
+def _measure(model: nn.Module, data: DataBundle, shape: tuple, device) -> dict:
+    cost = fvcore_cost(model, torch.zeros(1, *shape, device=device))
+    lat = evaluate.latency(model, shape, batch_size=1, device=device)
+    return {"flops": cost.flops, "params": cost.params,
+            "accuracy": evaluate.accuracy(model, data.test, device=device),
+            "latency_ms": lat["median_ms"], "latency": lat}
+
+
+def write_outputs(out: Path, plan: Plan, small: nn.Module, report: dict) -> None:
+    """model.pt, plan.json, report.json and widths.png into ``out``, each written atomically."""
+    from .checkpoint import atomic_write_text
+    from .report import plot_widths
+    out.mkdir(parents=True, exist_ok=True)
+    plan.save(out / "model.pt", small)
+    atomic_write_text(out / "plan.json", plan.to_json())
+    atomic_write_text(out / "report.json", json.dumps(report, indent=1, default=_jsonable))
+    plot_widths(report["widths"], out / "widths.png", title=f"{report['method']} @ {report['budget']['spec']}")
+
+
+def _jsonable(x):
+    if isinstance(x, (np.integer, np.floating)):
+        return x.item()
+    if isinstance(x, torch.Tensor):
+        return x.tolist()
+    raise TypeError(f"not JSON-serialisable: {type(x).__name__}")
