@@ -1,0 +1,148 @@
+"""End-to-end pruning: budgets met, reports that recount, greedy invariants, CLI errors."""
+
+import json
+
+import pytest
+import torch
+
+import autoprune as ap
+from autoprune import checkpoint, cli
+from autoprune.evaluate import accuracy
+from autoprune.greedy import MaskedEvaluator, _State, greedy_widths
+from autoprune.prune import prune
+from autoprune.train import train
+
+
+@pytest.fixture(scope="module")
+def trained():
+    torch.manual_seed(0)
+    data = ap.data.load("digits", image_size=8)
+    model = ap.models.create("resnet20", num_classes=10)
+    train(model, data, epochs=3, progress=False)
+    return model.eval(), data
+
+
+@pytest.mark.parametrize("method,budget", [("greedy", "flops<=50%"), ("uniform", "params<=60%"),
+                                           ("wsp", "flops<=40%")])
+def test_prune_report_recounts(trained, tmp_path, method, budget):
+    model, data = trained
+    result = prune(model, data, budget, method=method, finetune_epochs=1, calib_images=128,
+                   bn_batches=5, out=tmp_path, progress=False)
+    report = json.loads((tmp_path / "report.json").read_text())
+    b = ap.Budget.parse(budget)
+    assert report["budget"]["realized"] <= report["budget"]["target"]
+    assert report["budget"]["within_tolerance"]
+    again = ap.load(tmp_path / "model.pt")
+    x = torch.zeros(1, *data.input_shape)
+    recount = ap.fvcore_cost(again, x)
+    assert (report["pruned"]["flops"], report["pruned"]["params"]) == tuple(recount)
+    assert getattr(recount, b.kind) == report["budget"]["realized"]
+    assert accuracy(again, data.test) == pytest.approx(report["pruned"]["accuracy"])
+    assert report["base"]["flops"] == ap.fvcore_cost(model, x).flops
+    assert (tmp_path / "widths.png").stat().st_size > 1000
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    kept = {u: v["kept"] for u, v in plan["units"].items()}
+    assert all(report["widths"][u][0] == k for u, k in kept.items())
+    assert report["method"] == method and result.plan.kept_widths() == kept
+
+
+def test_greedy_trajectory_monotone_and_lands(trained):
+    model, data = trained
+    space = ap.Space(model, torch.zeros(1, *data.input_shape))
+    scores = ap.criteria.score("l1", space)
+    result = greedy_widths(space, scores, "flops<=40%", progress=False)
+    flops = [t["flops"] for t in result.trajectory]
+    assert all(a > b for a, b in zip(flops, flops[1:]))
+    target = ap.Budget.parse("flops<=40%").target(space)
+    assert target * 0.995 <= space.cost(result.widths).flops <= target
+    assert flops[-1] <= target * 1.005
+
+
+def test_greedy_accuracy_mode_commits_best_physical_candidate(trained):
+    model, data = trained
+    space = ap.Space(model, torch.zeros(1, *data.input_shape))
+    scores = ap.criteria.score("l1", space)
+    val = list(ap.data.loader(data.val, batch_size=256))
+    evaluator = MaskedEvaluator(model, space, val)
+    result = greedy_widths(space, scores, "flops<=97%", step=0.02, mode="accuracy",
+                           evaluator=evaluator, progress=False)
+    first = result.trajectory[0]
+    # recompute each first-step candidate by physically pruning it
+    physical = {}
+    for unit, proxy in first["candidates"].items():
+        widths = space.full_widths()
+        cand = _State(space, scores, "flops").candidate(space.unit(unit), 0.02 * space.cost().flops)
+        widths.update(cand[1])
+        small = ap.select(space, widths, scores=scores).apply(model).eval()
+        physical[unit] = accuracy(small, data.val)
+        assert physical[unit] == pytest.approx(proxy)  # masks == physical removal
+    assert physical[first["unit"]] == max(physical.values())
+
+
+def _run(args, capsys):
+    code = cli.main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, err[-1] if err else ""
+
+
+@pytest.fixture(scope="module")
+def base_ckpt(trained, tmp_path_factory):
+    model, data = trained
+    path = tmp_path_factory.mktemp("ck") / "base.pt"
+    checkpoint.save_baseline(path, model, data=data.settings | {"name": "digits"},
+                             input_shape=list(data.input_shape))
+    return path
+
+
+def test_cli_prune_with_checkpoint(base_ckpt, tmp_path, capsys):
+    code = cli.main(["prune", "--checkpoint", str(base_ckpt), "--flops", "50%", "--epochs", "0",
+                     "--calib-images", "64", "--out", str(tmp_path / "o"), "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0 and "realized" in out
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["budget"]["realized_ratio"] <= 0.5
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--flops", "0.01%"], "smallest reachable"),
+    (["--flops", "50%", "--method", "magic"], "unknown method"),
+    (["--flops", "50%", "--criterion", "dii"], "unknown criterion"),
+    (["--flops", "50%", "--params", "50%"], "exactly one budget"),
+    (["--flops", "half"], "malformed"),
+])
+def test_cli_prune_bad_input(base_ckpt, tmp_path, capsys, extra, needle):
+    code, line = _run(["prune", "--checkpoint", str(base_ckpt), "--out", str(tmp_path / "o"),
+                       "--no-progress", "--epochs", "0", *extra], capsys)
+    assert code == 2 and needle in line and line.startswith("autoprune: error:")
+
+
+def test_cli_prune_bad_files(base_ckpt, tmp_path, capsys):
+    out = ["--out", str(tmp_path / "o"), "--flops", "50%", "--no-progress"]
+    code, line = _run(["prune", "--checkpoint", str(tmp_path / "none.pt"), *out], capsys)
+    assert code == 2 and "does not exist" in line
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(base_ckpt.read_bytes()[:1000])
+    code, line = _run(["prune", "--checkpoint", str(broken), *out], capsys)
+    assert code == 2 and "unreadable" in line
+    code, line = _run(["prune", "--checkpoint", str(base_ckpt), "--data", "synthetic", *out], capsys)
+    assert code == 2 and "10 classes" in line and "4" in line
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, line = _run(["prune", "--checkpoint", str(base_ckpt), "--flops", "50%",
+                       "--out", str(blocker / "sub")], capsys)
+    assert code == 2 and "cannot write to --out" in line
+
+
+def test_atomic_save_keeps_old_file_on_failure(tmp_path):
+    path = tmp_path / "model.pt"
+    checkpoint.atomic_save({"state_dict": {"w": torch.ones(2)}}, path)
+    before = path.read_bytes()
+
+    class Boom:
+        def __reduce__(self):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.atomic_save({"state_dict": {}, "x": Boom()}, path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
