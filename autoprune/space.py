@@ -143,6 +143,13 @@ class Space:
         from .cost import CostModel  # local import: cost.py imports this module
         self.cost_model = CostModel.measure(model, example_input, self, graph)
 
+    def __getstate__(self) -> dict:
+        """Pickle without the graph-node channel maps (only the cost builder needs them),
+        so a Space can be shipped once to Ray workers."""
+        state = dict(self.__dict__)
+        state["maps"] = None
+        return state
+
     def __iter__(self) -> Iterator[Unit]:
         return iter(self.units)
 
