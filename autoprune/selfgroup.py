@@ -37,7 +37,7 @@ from torch import nn
 
 from .errors import ModelError
 from .grouping import kmeans
-from .space import _as_input_tuple
+from .space import forward_with_hooks
 
 Spec = dict  # {conv_name: {"groups": list[int], "inputs": list[list[int]]}}
 
@@ -409,15 +409,7 @@ def selfgroup_cost_delta(model: nn.Module, spec: Mapping[str, Mapping], example_
             shapes.setdefault(name, tuple(output.shape))
         return hook
 
-    hooks = [m.register_forward_hook(note(n)) for n, m in mods.items()]
-    was_training = model.training
-    try:
-        with torch.no_grad():
-            model.eval()(*_as_input_tuple(example_input))
-    finally:
-        model.train(was_training)
-        for h in hooks:
-            h.remove()
+    forward_with_hooks(model, example_input, {m: note(n) for n, m in mods.items()})
     dflops = dparams = 0
     for name, entry in spec.items():
         m = mods[name]

@@ -64,6 +64,21 @@ def _leaf_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if not list(m.children())}
 
 
+def forward_with_hooks(model: nn.Module, example_input: torch.Tensor | tuple,
+                       hooks: dict[nn.Module, object]) -> None:
+    """One no-grad eval-mode forward pass with forward ``hooks`` attached; the model's
+    train/eval mode is restored and the hooks removed afterwards."""
+    handles = [m.register_forward_hook(fn) for m, fn in hooks.items()]
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(*_as_input_tuple(example_input))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+
+
 def output_layers(model: nn.Module, example_input: torch.Tensor | tuple) -> list[str]:
     """Names of the conv/linear layers that produce the model's output (the classifier).
 
@@ -71,16 +86,9 @@ def output_layers(model: nn.Module, example_input: torch.Tensor | tuple) -> list
     channels are the classes and are never pruned.
     """
     order: list[str] = []
-    hooks = [m.register_forward_hook(lambda mod, i, o, n=n: order.append(n))
-             for n, m in model.named_modules() if isinstance(m, ROOT_TYPES)]
-    was_training = model.training
-    try:
-        with torch.no_grad():
-            model.eval()(*_as_input_tuple(example_input))
-    finally:
-        model.train(was_training)
-        for h in hooks:
-            h.remove()
+    forward_with_hooks(model, example_input, {m: lambda mod, i, o, n=n: order.append(n)
+                                              for n, m in model.named_modules()
+                                              if isinstance(m, ROOT_TYPES)})
     if not order:
         raise ModelError(f"{type(model).__name__} has no Conv or Linear layer to prune")
     return [order[-1]]

@@ -12,23 +12,12 @@ The SG-CNN grouped-conv latency comparison is `benchmarks/selfgroup.py`.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-
 import torch
 
 import autoprune as ap
 from autoprune import criteria
 from autoprune.calibrate import calibrate
-
-
-def timed(fn, repeats: int = 3) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from timing import median_time
 
 
 def main() -> None:
@@ -47,7 +36,7 @@ def main() -> None:
             for x, _ in batches:
                 model(x)
 
-    base = timed(forward)
+    base = median_time(forward, 3)
     print(f"resnet56, {args.images} images 32x32, batch {args.batch}, {torch.get_num_threads()} threads")
     print(f"plain forward: {base * 1e3:.0f} ms")
     print(f"{'criterion':<12}{'grad':>6}{'ms':>10}{'ratio':>8}")
@@ -56,8 +45,8 @@ def main() -> None:
         if not crit.taps():
             continue
         spec = (name, {"num_classes": 10}) if name == "di" else name
-        t = timed(lambda: calibrate(space, model, batches, [spec], n_images=args.images,
-                                    progress=False), repeats=1)
+        t = median_time(lambda: calibrate(space, model, batches, [spec], n_images=args.images,
+                                          progress=False), 1)
         print(f"{name:<12}{'yes' if crit.needs_grad else 'no':>6}{t * 1e3:>10.0f}{t / base:>8.2f}")
 
 

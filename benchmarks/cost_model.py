@@ -14,7 +14,6 @@ ResNet-50.
 
 from __future__ import annotations
 
-import statistics
 import sys
 import time
 import warnings
@@ -23,19 +22,10 @@ import numpy as np
 import torch
 
 import autoprune as ap
+from timing import median_time
 
 CASES = (("resnet56", 10, (1, 3, 32, 32)), ("resnet50", 1000, (1, 3, 224, 224)))
 BUDGET = "flops<=50%"
-
-
-def median_time(fn, repeats: int) -> float:
-    """Median wall time of ``fn()`` in seconds over ``repeats`` calls."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def calls_for(fn, seconds: float = 1.0, cap: int = 10_000) -> int:
