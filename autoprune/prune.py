@@ -28,8 +28,9 @@ from .errors import AutopruneError
 from .greedy import MaskedEvaluator, greedy_widths
 from .plan import Plan, select
 from .space import Space
+from .tp_baseline import tp_global_plan
 
-METHODS = ("uniform", "greedy", "wsp")
+METHODS = ("uniform", "greedy", "wsp", "tp_global")
 CLUSTER_METHODS = ("hpse", "fchp", "sg")
 
 
@@ -114,16 +115,13 @@ def prune(model: nn.Module, data: DataBundle, budget: "str | Budget" = "flops<=5
     space = Space(model, torch.zeros(1, *data.input_shape, device=device))
     budget = Budget.parse(budget)
     budget.target(space)
-    batches = loader(data.train, batch_size=64, shuffle=True, seed=seed)
-    specs = _calibration_specs(weights, clusters, data.num_classes)
-    stats = calibrate(space, model, batches, specs, n_images=calib_images, device=device,
-                      progress=progress) if specs else Stats()
-    scores = _scores(space, stats, weights, data.num_classes)
-    evaluator = _evaluator(model, space, data, seed, bn_batches) if greedy_mode == "accuracy" else None
-    widths, trajectory = choose_widths(method, space, budget, scores, stats, evaluator,
-                                       greedy_mode, greedy_step, progress=progress)
-    labels = grouping.cluster(clusters, space, stats, cluster_k) if clusters else None
-    plan = select(space, widths, scores=scores, clusters=labels)
+    if method == "tp_global":  # Torch-Pruning's own global magnitude choice, no calibration
+        plan, trajectory = tp_global_plan(space, budget), []
+        widths, weights = space._complete(plan.kept_widths()), {"tp_magnitude": 1.0}
+    else:
+        plan, widths, trajectory = _plan(method, model, data, space, budget, weights, clusters,
+                                         cluster_k, seed, calib_images, bn_batches, greedy_mode,
+                                         greedy_step, progress, device)
     plan.meta = {"method": method, "criterion": weights, "budget": str(budget), "seed": seed}
     small = plan.apply(model)
     report = _finish(model, small, data, space, budget, widths, seed, finetune_epochs, lr,
@@ -133,6 +131,21 @@ def prune(model: nn.Module, data: DataBundle, budget: "str | Budget" = "flops<=5
     if out is not None:
         write_outputs(Path(out), plan, small, report)
     return Result(small, plan, report)
+
+
+def _plan(method, model, data, space, budget, weights, clusters, cluster_k, seed, calib_images,
+          bn_batches, greedy_mode, greedy_step, progress, device) -> tuple[Plan, dict, list]:
+    """Calibrate once, score, choose widths by ``method`` and select channels."""
+    batches = loader(data.train, batch_size=64, shuffle=True, seed=seed)
+    specs = _calibration_specs(weights, clusters, data.num_classes)
+    stats = calibrate(space, model, batches, specs, n_images=calib_images, device=device,
+                      progress=progress) if specs else Stats()
+    scores = _scores(space, stats, weights, data.num_classes)
+    evaluator = _evaluator(model, space, data, seed, bn_batches) if greedy_mode == "accuracy" else None
+    widths, trajectory = choose_widths(method, space, budget, scores, stats, evaluator,
+                                       greedy_mode, greedy_step, progress=progress)
+    labels = grouping.cluster(clusters, space, stats, cluster_k) if clusters else None
+    return select(space, widths, scores=scores, clusters=labels), widths, trajectory
 
 
 def _evaluator(model, space, data, seed, bn_batches) -> MaskedEvaluator:
