@@ -356,5 +356,57 @@ def prune(args: argparse.Namespace) -> int:
     return 0
 
 
+@command(
+    "compare", "compare width methods side by side at several budgets",
+    arg("--checkpoint", metavar="FILE", help="baseline from 'autoprune train'"),
+    arg("--model", metavar="NAME", help="without --checkpoint: train (and cache) this baseline"),
+    *data_args(required=False),
+    arg("--flops", nargs="+", metavar="V", help="FLOPs budgets, e.g. 70%% 50%% 30%%"),
+    arg("--params", nargs="+", metavar="V", help="params budgets, e.g. 60%% 40%%"),
+    arg("--methods", default="uniform,greedy,wsp,tp_global,search",
+        help="comma list (default uniform,greedy,wsp,tp_global,search)"),
+    arg("--criterion", metavar="C", help="criterion or mix for greedy/uniform (default di)"),
+    arg("--seeds", type=NONNEG_INT, nargs="+", default=[0, 1, 2], help="default 0 1 2"),
+    arg("--epochs", type=NONNEG_INT, default=5, help="fine-tuning epochs for every method (default 5)"),
+    arg("--space", default="generic", help="search space for method search (default generic)"),
+    arg("--trials", type=POS_INT, default=16, help="search trials (default 16)"),
+    arg("--workers", type=POS_INT, default=2, help="concurrent search trials (default 2)"),
+    arg("--fidelity", type=NONNEG_INT, default=0, metavar="N",
+        help="also measure proxy fidelity on N random structures (0: skip)"),
+    arg("--baseline-epochs", type=POS_INT, default=30, help="epochs when training the baseline (default 30)"),
+    arg("--seed", type=NONNEG_INT, default=0, help="data split and baseline seed (default 0)"),
+    arg("--out", required=True, metavar="DIR", help="receives results.csv/json/md, plots, runs/"),
+    arg("--no-progress", action="store_true", help="no progress bars"),
+)
+def compare(args: argparse.Namespace) -> int:
+    from .compare import compare as run, markdown, proxy_fidelity
+
+    if (args.flops is None) == (args.params is None):
+        raise UsageError("give budgets with exactly one of --flops or --params (e.g. --flops 70% 50% 30%)")
+    kind, values = ("flops", args.flops) if args.flops else ("params", args.params)
+    budgets = [f"{kind}<={v}" for v in values]
+    from .budget import Budget
+    for b in budgets:
+        Budget.parse(b)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    out = _writable(args.out)
+    model, bundle = _prune_inputs(args)
+    extra = {"space": args.space, "trials": args.trials, "workers": args.workers} if "search" in methods else {}
+    results = run(model, bundle, budgets, methods, args.seeds, finetune_epochs=args.epochs,
+                  criterion=_criterion(args.criterion), out=out, progress=not args.no_progress, **extra)
+    print(markdown(results["summary"]), end="")
+    if args.fidelity:
+        fid = proxy_fidelity(model, bundle, budgets[len(budgets) // 2], n=args.fidelity,
+                             finetune_epochs=args.epochs, progress=not args.no_progress)
+        from .checkpoint import atomic_write_text
+        import json
+        atomic_write_text(out / "fidelity.json", json.dumps(fid, indent=1))
+        print(f"proxy fidelity over {fid['n']} structures at {fid['budget']}: Kendall tau "
+              f"adaptive-BN {fid['kendall_tau_adaptive_bn']:.2f}, proxy fine-tune "
+              f"{fid['kendall_tau_proxy_finetune']:.2f}")
+    print(f"wrote {out}/results.csv, results.json, results.md, accuracy_vs_flops.png, widths_*.png")
+    return 0
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
