@@ -149,7 +149,7 @@ def select(space: Space, widths: Mapping[str, int], scores: Mapping[str, torch.T
     the unit's filters in the space's model. With ``clusters`` (unit → labels) each cluster
     keeps channels in proportion to its size, at least one where the width allows.
     """
-    full = space._complete(widths)
+    full = space.complete(widths)
     scores = filter_norms(space, 1) if scores is None else scores
     keep = {}
     for unit in space.units:

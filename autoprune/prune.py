@@ -117,7 +117,7 @@ def prune(model: nn.Module, data: DataBundle, budget: "str | Budget" = "flops<=5
     budget.target(space)
     if method == "tp_global":  # Torch-Pruning's own global magnitude choice, no calibration
         plan, trajectory = tp_global_plan(space, budget), []
-        widths, weights = space._complete(plan.kept_widths()), {"tp_magnitude": 1.0}
+        widths, weights = space.complete(plan.kept_widths()), {"tp_magnitude": 1.0}
     else:
         plan, widths, trajectory = _plan(method, model, data, space, budget, weights, clusters,
                                          cluster_k, seed, calib_images, bn_batches, greedy_mode,

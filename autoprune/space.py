@@ -184,7 +184,7 @@ class Space:
 
     def cost(self, widths: Mapping[str, int] | None = None):
         """Analytic FLOPs (multiply-adds) and params of the structure with ``widths`` kept."""
-        return self.cost_model(self._complete(widths or {}))
+        return self.cost_model(self.complete(widths or {}))
 
     def fit(self, ratios: Mapping[str, float], budget, max_ratio: float = 0.9) -> dict[str, int]:
         """Integer widths of the structure shaped by ``ratios`` that meets ``budget``.
@@ -195,7 +195,8 @@ class Space:
         from .budget import fit_widths
         return fit_widths(self, ratios, budget, max_ratio=max_ratio)
 
-    def _complete(self, widths: Mapping[str, int]) -> dict[str, int]:
+    def complete(self, widths: Mapping[str, int]) -> dict[str, int]:
+        """``widths`` with every unit not named kept whole; checks names and ranges."""
         unknown = set(widths) - set(self.unit_names)
         if unknown:
             self.unit(sorted(unknown)[0])
