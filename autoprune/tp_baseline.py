@@ -11,6 +11,7 @@ model Torch-Pruning builds.
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import torch
@@ -21,15 +22,20 @@ from .plan import Plan
 from .space import Space
 
 
-def _removed(space: Space, ratio: float, p: int) -> dict[str, list[int]]:
-    """Channels Torch-Pruning's global magnitude pruner removes at ``ratio``, per unit."""
-    model = space.model.eval()
+def _pruner(model: torch.nn.Module, space: Space, ratio: float, p: int) -> tp.pruner.MetaPruner:
+    """Torch-Pruning's global magnitude pruner on ``model``, ignoring the classifier."""
     ignored = [model.get_submodule(n) for n in space.ignored]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pruner = tp.pruner.MetaPruner(
+        return tp.pruner.MetaPruner(
             model, space.example_input, importance=tp.importance.GroupMagnitudeImportance(p=p),
             global_pruning=True, pruning_ratio=ratio, ignored_layers=ignored)
+
+
+def _removed(space: Space, ratio: float, p: int) -> dict[str, list[int]]:
+    """Channels Torch-Pruning's global magnitude pruner removes at ``ratio``, per unit."""
+    model = space.model.eval()
+    pruner = _pruner(model, space, ratio, p)
     name_of = {m: n for n, m in model.named_modules()}
     removed: dict[str, list[int]] = {}
     roots = {n for u in space.units for n in u.modules}
@@ -74,13 +80,6 @@ def tp_global_plan(space: Space, budget: "str | Budget", p: int = 2, iters: int 
 
 def tp_pruned_model(space: Space, ratio: float, p: int = 2) -> torch.nn.Module:
     """Torch-Pruning's own pruned copy at channel ratio ``ratio`` (for cross-checks)."""
-    import copy
     model = copy.deepcopy(space.model).eval()
-    ignored = [model.get_submodule(n) for n in space.ignored]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pruner = tp.pruner.MetaPruner(
-            model, space.example_input, importance=tp.importance.GroupMagnitudeImportance(p=p),
-            global_pruning=True, pruning_ratio=ratio, ignored_layers=ignored)
-        pruner.step()
+    _pruner(model, space, ratio, p).step()
     return model

@@ -8,16 +8,6 @@ import torch
 
 import autoprune as ap
 from autoprune.compare import compare, proxy_fidelity
-from autoprune.train import train
-
-
-@pytest.fixture(scope="module")
-def trained():
-    torch.manual_seed(0)
-    data = ap.data.load("digits", image_size=8)
-    model = ap.models.create("resnet20", num_classes=10)
-    train(model, data, epochs=2, progress=False)
-    return model.eval(), data
 
 
 def test_compare_tiny(trained, tmp_path):

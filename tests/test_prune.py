@@ -10,16 +10,6 @@ from autoprune import checkpoint, cli
 from autoprune.evaluate import accuracy
 from autoprune.greedy import MaskedEvaluator, _State, greedy_widths
 from autoprune.prune import prune
-from autoprune.train import train
-
-
-@pytest.fixture(scope="module")
-def trained():
-    torch.manual_seed(0)
-    data = ap.data.load("digits", image_size=8)
-    model = ap.models.create("resnet20", num_classes=10)
-    train(model, data, epochs=3, progress=False)
-    return model.eval(), data
 
 
 @pytest.mark.parametrize("method,budget", [("greedy", "flops<=50%"), ("uniform", "params<=60%"),
