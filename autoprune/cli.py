@@ -356,6 +356,85 @@ def prune(args: argparse.Namespace) -> int:
     return 0
 
 
+SEARCH_INPUTS = ("checkpoint", "model", "data", "image_size", "data_root", "download", "baseline_epochs",
+                 "seed", "epochs", "lr", "distill", "calib_images", "flops", "params")
+
+
+@command(
+    "search", "search pruned structures (Optuna on Ray Tune) and fine-tune the best",
+    arg("--checkpoint", metavar="FILE", help="baseline from 'autoprune train'"),
+    arg("--model", metavar="NAME", help="without --checkpoint: train (and cache) this baseline"),
+    *data_args(required=False),
+    arg("--flops", metavar="V", help="FLOPs that remain: 50%%, 0.5 or 62M"),
+    arg("--params", metavar="V", help="parameters that remain: 50%% or 1.2M"),
+    arg("--space", default="resnet_cifar", metavar="NAME|FILE",
+        help="packaged search space (resnet_cifar, vgg_cifar, generic) or a YAML file (default resnet_cifar)"),
+    arg("--trials", type=POS_INT, default=64, help="structures to evaluate, the 2 seeds included (default 64)"),
+    arg("--workers", type=POS_INT, default=2, help="trials running at once (default 2)"),
+    arg("--address", metavar="auto|HOST:PORT",
+        help="join a running Ray cluster (default: start a local Ray and stop it at the end)"),
+    arg("--epochs", type=NONNEG_INT, default=5, help="fine-tuning epochs of the best structure (default 5)"),
+    arg("--lr", type=POS_FLOAT, default=0.01, help="fine-tuning learning rate (default 0.01)"),
+    arg("--distill", action="store_true", help="fine-tune with distillation from the dense model"),
+    arg("--baseline-epochs", type=POS_INT, default=30, help="epochs when training the baseline (default 30)"),
+    arg("--calib-images", type=POS_INT, default=512, help="calibration images (default 512)"),
+    SEED,
+    arg("--out", metavar="DIR", help="receives the Ray Tune experiment (tune/), model.pt, plan.json, "
+                                     "report.json and plots"),
+    arg("--resume", metavar="DIR", help="continue the interrupted search in DIR with its recorded "
+                                        "settings (only --address and --no-progress apply)"),
+    arg("--no-progress", action="store_true", help="no progress bars or Tune status tables"),
+)
+def search(args: argparse.Namespace) -> int:
+    import json
+
+    from .search.tune import SETTINGS_FILE, search as run
+
+    if args.resume is not None:
+        if args.out is not None and Path(args.out).resolve() != Path(args.resume).resolve():
+            raise UsageError(f"--resume {args.resume} continues the search in that folder; drop --out "
+                             f"{args.out} (or give the same folder)")
+        if not Path(args.resume).is_dir():
+            raise AutopruneError(f"--resume {args.resume}: no such folder; give the --out of an earlier search")
+        out = _writable(args.resume)
+        try:
+            settings = json.loads((out / SETTINGS_FILE).read_text())
+        except (OSError, ValueError):
+            raise AutopruneError(f"{args.resume} holds no search to resume (no readable {SETTINGS_FILE}); "
+                                 "start one with autoprune search --out DIR") from None
+        recorded = settings.get("inputs") or {}  # empty if started from Python: give --checkpoint etc.
+        for key in SEARCH_INPUTS:
+            if key in recorded:
+                setattr(args, key, recorded[key])
+        args.seed, budget = settings.get("seed", args.seed), settings.get("budget")
+    else:
+        if args.out is None:
+            raise UsageError("give --out DIR for a new search, or --resume DIR to continue one")
+        budget = _budget(args)
+        out = _writable(args.out)
+        for key in ("checkpoint", "data_root"):  # recorded for --resume, which may run elsewhere
+            if getattr(args, key) is not None:
+                setattr(args, key, str(Path(getattr(args, key)).resolve()))
+    model, bundle = _prune_inputs(args)
+    inputs = {key: getattr(args, key) for key in SEARCH_INPUTS}
+    result = run(model, bundle, budget, space=args.space, trials=args.trials,
+                 workers=args.workers, address=args.address, out=out, resume=args.resume is not None,
+                 finetune_epochs=args.epochs, lr=args.lr, distill=args.distill, seed=args.seed,
+                 calib_images=args.calib_images, progress=not args.no_progress, inputs=inputs)
+    report = result.report
+    _summary(report)
+    best, seeds = report["best_trial"], report["seeds"]
+    states = ", ".join(f"{n} {s.lower()}" for s, n in report["search"]["states"].items())
+    print(f"{len(report['trials'])} trials ({states}) on {len(report['search']['nodes'])} node(s); "
+          f"best trial {best['number']}: proxy {best['proxy_score']:.4f}; seeds: "
+          + ", ".join(f"{name} {s['proxy_score']:.4f}" if s and s["proxy_score"] is not None else f"{name} -"
+                      for name, s in seeds.items()))
+    plots = [p for p in ("history.png", "pareto.png", "importances.png") if (out / p).exists()]
+    print(f"saved {out / 'model.pt'} (load with autoprune.load), plan.json, report.json, widths.png, "
+          f"{', '.join(plots)}; continue an interrupted run with: autoprune search --resume {out}")
+    return 0
+
+
 @command(
     "compare", "compare width methods side by side at several budgets",
     arg("--checkpoint", metavar="FILE", help="baseline from 'autoprune train'"),

@@ -92,7 +92,8 @@ def prune(model: nn.Module, data: DataBundle, budget: "str | Budget" = "flops<=5
           lr: float = 0.01, distill: bool = False, seed: int = 0, calib_images: int = 512,
           bn_batches: int = 50, greedy_mode: str = "criterion", greedy_step: float = 0.005,
           out: str | Path | None = None, progress: bool = True,
-          device: str | torch.device | None = None) -> Result:
+          device: str | torch.device | None = None, space=None, trials: int = 64,
+          workers: int = 2, address: str | None = None) -> Result:
     """Prune ``model`` to ``budget`` on ``data`` and fine-tune it; see the module doc.
 
     ``criterion`` is a name or a mix {name: weight}; by default ``di`` (``wsp``'s own
@@ -100,9 +101,20 @@ def prune(model: nn.Module, data: DataBundle, budget: "str | Budget" = "flops<=5
     every cluster in proportion. ``greedy_mode="accuracy"`` scores greedy steps by
     validation accuracy (the DI authors' way) instead of criterion loss per FLOP.
 
+    ``method="search"`` runs :func:`autoprune.search.tune.search` (Optuna on Ray Tune) with
+    the search space ``space`` (name, YAML path or SearchSpace; default resnet_cifar),
+    ``trials``, ``workers`` and ``address``; the space names its criteria and clusters,
+    so ``criterion``, ``clusters``, ``cluster_k`` and the greedy options do not apply.
+
     >>> result = autoprune.prune(model, autoprune.data.load("digits"), "flops<=50%")
     >>> result.report["pruned"]["accuracy"]
     """
+    if method == "search":
+        from .search.tune import DEFAULT_SPACE, search
+        return search(model, data, budget, space=space if space is not None else DEFAULT_SPACE,
+                      trials=trials, workers=workers, address=address, out=out,
+                      finetune_epochs=finetune_epochs, lr=lr, distill=distill, seed=seed,
+                      calib_images=calib_images, bn_batches=bn_batches, progress=progress, device=device)
     start = time.time()
     if method not in METHODS:
         raise AutopruneError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
