@@ -157,7 +157,7 @@ def _probe(model: torch.nn.Module, shape: Sequence[int], name: str) -> torch.Ten
 
 def _info_model(args: argparse.Namespace) -> tuple[torch.nn.Module, tuple[int, ...], str]:
     """The model, its per-sample input shape and a title, from --checkpoint or --model."""
-    from . import checkpoint, models
+    from . import models
 
     shape = (args.channels, args.input_size, args.input_size)
     if args.checkpoint is None:
@@ -165,13 +165,22 @@ def _info_model(args: argparse.Namespace) -> tuple[torch.nn.Module, tuple[int, .
             raise UsageError("info needs --model NAME or --checkpoint FILE")
         model = models.create(args.model, num_classes=args.num_classes)
         return model, shape, f"{args.model} ({args.num_classes} classes)"
+    model, meta = _load_checkpoint(args)
+    arch = models.arch_of(model)
+    shape = tuple(meta.get("input_shape") or shape)
+    return model, shape, f"{arch['name']} ({arch['num_classes']} classes) from {args.checkpoint}"
+
+
+def _load_checkpoint(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
+    """The baseline in --checkpoint, checked against --model when both are given."""
+    from . import checkpoint, models
+
     model, meta = checkpoint.load_baseline(args.checkpoint)
     arch = models.arch_of(model)
     if args.model is not None and args.model.strip().lower() != arch["name"]:
         raise CheckpointError(f"checkpoint {args.checkpoint} holds {arch['name']}, not "
                               f"{args.model}; drop --model or pass --model {arch['name']}")
-    shape = tuple(meta.get("input_shape") or shape)
-    return model, shape, f"{arch['name']} ({arch['num_classes']} classes) from {args.checkpoint}"
+    return model, meta
 
 
 def _unit_shares(space) -> list[tuple[float, float]]:
@@ -282,7 +291,7 @@ def _writable(out: str) -> Path:
 
 def _prune_inputs(args: argparse.Namespace):
     """(model, data) from --checkpoint (its data by default) or --model/--data (cached baseline)."""
-    from . import checkpoint, data
+    from . import data
     from .baseline import cached_baseline, check_compatible
 
     if args.checkpoint is None:
@@ -293,7 +302,7 @@ def _prune_inputs(args: argparse.Namespace):
         model, _ = cached_baseline(args.model, bundle, epochs=args.baseline_epochs, seed=args.seed,
                                    progress=not args.no_progress)
         return model, bundle
-    model, meta = checkpoint.load_baseline(args.checkpoint)
+    model, meta = _load_checkpoint(args)
     saved = meta.get("data", {})
     name = args.data or saved.get("name")
     if name is None:
@@ -328,10 +337,15 @@ def _summary(report: dict) -> None:
     *data_args(required=False),
     arg("--flops", metavar="V", help="FLOPs that remain: 50%%, 0.5 or 62M"),
     arg("--params", metavar="V", help="parameters that remain: 50%% or 1.2M"),
-    arg("--method", default="greedy", help="greedy (default), uniform or wsp"),
+    arg("--method", default="greedy", help="greedy (default), uniform, wsp or tp_global (Torch-Pruning's "
+                                           "global magnitude); for search use 'autoprune search'"),
     arg("--criterion", metavar="C", help="di (default), hpse, fchp, hrank, taylor, l1, ... or a mix di:0.6,hpse:0.4"),
     arg("--clusters", metavar="M", help="keep channels per cluster: hpse, fchp or sg"),
     arg("--greedy-mode", default="criterion", help="criterion (default, fast) or accuracy"),
+    arg("--greedy-bn-batches", type=NONNEG_INT, default=5, metavar="N",
+        help="adaptive-BN batches before scoring each greedy step's accuracy (default 5; 0: none)"),
+    arg("--greedy-recalibrate", type=NONNEG_INT, default=0, metavar="N",
+        help="re-estimate BN under the committed structure every N greedy steps (default 0: never)"),
     arg("--epochs", type=NONNEG_INT, default=5, help="fine-tuning epochs (default 5)"),
     arg("--lr", type=POS_FLOAT, default=0.01, help="fine-tuning learning rate (default 0.01)"),
     arg("--distill", action="store_true", help="fine-tune with distillation from the dense model"),
@@ -342,15 +356,19 @@ def _summary(report: dict) -> None:
     arg("--no-progress", action="store_true", help="no progress bars"),
 )
 def prune(args: argparse.Namespace) -> int:
-    from .prune import prune as run
+    from .budget import Budget
+    from .prune import check_options, prune as run
 
     budget = _budget(args)
+    Budget.parse(budget)  # every option checked before a baseline is trained or loaded
+    check_options(args.method, _criterion(args.criterion), args.clusters, args.greedy_mode)
     out = _writable(args.out)
     model, bundle = _prune_inputs(args)
     result = run(model, bundle, budget, method=args.method, criterion=_criterion(args.criterion),
                  clusters=args.clusters, finetune_epochs=args.epochs, lr=args.lr,
                  distill=args.distill, seed=args.seed, calib_images=args.calib_images,
-                 greedy_mode=args.greedy_mode, out=out, progress=not args.no_progress)
+                 greedy_mode=args.greedy_mode, greedy_bn_batches=args.greedy_bn_batches,
+                 greedy_recalibrate=args.greedy_recalibrate, out=out, progress=not args.no_progress)
     _summary(result.report)
     print(f"saved {out / 'model.pt'} (load with autoprune.load), plan.json, report.json, widths.png")
     return 0
@@ -475,8 +493,8 @@ def compare(args: argparse.Namespace) -> int:
                   criterion=_criterion(args.criterion), out=out, progress=not args.no_progress, **extra)
     print(markdown(results["summary"]), end="")
     if args.fidelity:
-        fid = proxy_fidelity(model, bundle, budgets[len(budgets) // 2], n=args.fidelity,
-                             finetune_epochs=args.epochs, progress=not args.no_progress)
+        fid = proxy_fidelity(model, bundle, budgets[len(budgets) // 2], n=args.fidelity, space=args.space,
+                             finetune_epochs=args.epochs, seed=args.seed, progress=not args.no_progress)
         from .checkpoint import atomic_write_text
         import json
         atomic_write_text(out / "fidelity.json", json.dumps(fid, indent=1))

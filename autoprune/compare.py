@@ -12,8 +12,8 @@ from __future__ import annotations
 import csv
 import io
 import json
-import random
 import statistics
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -25,9 +25,8 @@ from . import evaluate
 from .budget import Budget
 from .checkpoint import atomic_write_text
 from .data import DataBundle
-from .plan import select
 from .prune import prune
-from .space import Space
+from .search.space import SearchSpace
 
 DEFAULT_METHODS = ("uniform", "greedy", "wsp", "tp_global", "search")
 FIELDS = ("budget", "method", "seed", "accuracy", "accuracy_adaptive_bn", "flops", "params",
@@ -50,10 +49,10 @@ def compare(model: nn.Module, data: DataBundle, budgets: Sequence[str] = ("flops
                 if method != "search":
                     kw = {k: v for k, v in kw.items() if k not in ("space", "trials", "workers", "address")}
                 run_out = Path(out) / "runs" / f"{_slug(budget)}-{method}-s{seed}" if out else None
-                result = prune(model, data, budget, method=method, criterion=criterion, seed=seed,
-                               finetune_epochs=finetune_epochs, out=run_out, progress=progress, **kw)
-                rows.append(_row(budget, method, seed, result.report))
-                widths.setdefault(budget, {})[method] = result.report["widths"]
+                report = _run(model, data, budget, method, seed, run_out, criterion=criterion,
+                              finetune_epochs=finetune_epochs, progress=progress, **kw)
+                rows.append(_row(budget, method, seed, report))
+                widths.setdefault(budget, {})[method] = report["widths"]
     summary = summarise(rows)
     results = {"rows": rows, "summary": summary, "widths": widths,
                "settings": {"budgets": list(budgets), "methods": list(methods), "seeds": list(seeds),
@@ -62,6 +61,23 @@ def compare(model: nn.Module, data: DataBundle, budgets: Sequence[str] = ("flops
     if out is not None:
         write_results(Path(out), results)
     return results
+
+
+def _run(model: nn.Module, data: DataBundle, budget: str, method: str, seed: int, out: Path | None,
+         **kw) -> dict:
+    """One method's report at one budget and seed. A run already finished in ``out`` (its
+    report.json, same method, seed and budget) is reused and an interrupted search in
+    ``out`` is resumed, so an interrupted compare loses nothing."""
+    if out is not None and (out / "report.json").is_file():
+        report = json.loads((out / "report.json").read_text())
+        if (report.get("method"), report.get("seed"), report["budget"].get("spec")) == \
+                (method, seed, str(Budget.parse(budget))):
+            return report
+    if method == "search" and out is not None and (out / "tune").is_dir():
+        from .search.tune import search
+        keep = ("finetune_epochs", "lr", "distill", "calib_images", "bn_batches", "progress", "device")
+        return search(model, data, out=out, resume=True, **{k: v for k, v in kw.items() if k in keep}).report
+    return prune(model, data, budget, method=method, seed=seed, out=out, **kw).report
 
 
 def _slug(budget: str) -> str:
@@ -122,30 +138,44 @@ def write_results(out: Path, results: dict) -> None:
 
 
 def proxy_fidelity(model: nn.Module, data: DataBundle, budget: str = "flops<=50%", n: int = 12,
-                   bn_batches: int = 20, proxy_steps: int = 50, finetune_epochs: int = 5,
-                   seed: int = 0, progress: bool = False) -> dict:
-    """Kendall τ between proxy scores and accuracy after the full fine-tune.
+                   space: "str | SearchSpace" = "generic", finetune_epochs: int = 5, seed: int = 0,
+                   calib_images: int = 512, progress: bool = False) -> dict:
+    """Kendall τ between the search's proxy scores and accuracy after the full fine-tune.
 
-    ``n`` random structures (random per-unit ratios fitted to ``budget``, L1 selection)
-    are scored three ways: accuracy after adaptive BN only, after adaptive BN and
-    ``proxy_steps`` SGD steps (the search's proxy), and after ``finetune_epochs``.
+    ``n`` structures drawn at random from the search space ``space`` (Optuna's
+    RandomSampler; fitted to ``budget`` as in a search) are scored three ways: the
+    search's proxy without fine-tuning (adaptive BN only), the search's proxy as
+    configured (adaptive BN + ``proxy.finetune_steps`` SGD steps), both on the same
+    validation batches, and test accuracy after adaptive BN and ``finetune_epochs``.
     """
-    rng = random.Random(seed)
-    model = model.eval()
-    space = Space(model, torch.zeros(1, *data.input_shape))
-    rows = []
+    import optuna
+
+    from .search import load
+    from .search.space import Section
+    from .search.tune import Shared, build_structure, driver_state, evaluate_candidate
+
+    spec = space if isinstance(space, SearchSpace) else load(space)
+    device = evaluate.default_device()
+    model = model.to(device).eval()
+    units, scores, labels = driver_state(model, data, spec, Budget.parse(budget), seed, calib_images,
+                                         progress, device)
+    shared = Shared(model, units, spec, str(Budget.parse(budget)), scores, labels, data, seed)
+    bn_only = replace(shared, spec=replace(spec, proxy=Section({**spec.proxy, "finetune_steps": 0})))
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    define, rows = spec.define(units), []
     for i in range(n):
-        ratios = {u.name: rng.uniform(0.0, 0.8) for u in space.units}
-        small = select(space, space.fit(ratios, budget)).apply(model)
-        evaluate.adaptive_bn(small, data.train, n_batches=bn_batches, seed=seed)
-        bn = evaluate.accuracy(small, data.val)
-        evaluate.proxy_finetune(small, data, steps=proxy_steps, seed=seed)
-        proxy = evaluate.accuracy(small.eval(), data.val)
+        trial = study.ask()
+        define(trial)
+        _, small, _, flops, _ = build_structure(shared, spec.candidate(trial.params, units))
+        evaluate.adaptive_bn(small, data.train, n_batches=int(spec.proxy.bn_batches), seed=seed)
         evaluate.finetune(small, data, finetune_epochs, seed=seed, progress=progress)
-        rows.append({"candidate": i, "adaptive_bn": bn, "proxy_finetune": proxy,
+        rows.append({"candidate": i, "flops": flops,
+                     "adaptive_bn": evaluate_candidate(bn_only, trial.params)["proxy_score"],
+                     "proxy_finetune": evaluate_candidate(shared, trial.params)["proxy_score"],
                      "final": evaluate.accuracy(small.eval(), data.test)})
     final = [r["final"] for r in rows]
-    return {"budget": budget, "n": n, "bn_batches": bn_batches, "proxy_steps": proxy_steps,
+    return {"budget": str(Budget.parse(budget)), "n": n, "space": spec.name, "proxy": dict(spec.proxy),
             "finetune_epochs": finetune_epochs, "candidates": rows,
             "kendall_tau_adaptive_bn": float(kendalltau([r["adaptive_bn"] for r in rows], final)[0]),
             "kendall_tau_proxy_finetune": float(kendalltau([r["proxy_finetune"] for r in rows], final)[0])}

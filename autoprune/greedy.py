@@ -5,14 +5,18 @@ lowest-scored channels worth about a fixed share of the base FLOPs (default 0.5%
 the proposal that costs least is committed, until the budget is met. Step cost is
 either ``criterion`` (share of the unit's *remaining* score lost per FLOP saved, so
 each further cut of a shrinking unit costs more — fast) or
-``accuracy`` (validation accuracy without fine-tuning, the authors' choice). In
-accuracy mode candidates are evaluated with channel masks on the unit's norm
-outputs, which in eval mode computes exactly what the physically pruned network
-computes, so no candidate is ever materialised.
+``accuracy`` (validation accuracy without fine-tuning, after adaptive BN when the
+evaluator has training batches — the authors' choice). Candidates are evaluated
+with channel masks on the unit's norm outputs, which in eval mode computes exactly
+what the physically pruned network computes, so no candidate is ever materialised.
+With an evaluator, every committed step's validation accuracy is recorded in the
+trajectory (in either mode), and ``recalibrate_every`` re-estimates BN statistics
+under the committed masks every few steps.
 """
 
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Mapping
@@ -122,8 +126,11 @@ def greedy_widths(space: Space, scores: Mapping[str, torch.Tensor], budget: "str
         saved = state.cost() - state.cost(widths)
         state.widths, state.removed[unit] = widths, state.removed[unit] + extra
         bar.update(saved)
-        trajectory.append({"step": len(trajectory) + 1, "unit": unit, "kept": widths[unit],
-                           budget.kind: state.cost(), "proxy": proxy, "candidates": candidates})
+        entry = {"step": len(trajectory) + 1, "unit": unit, "kept": widths[unit],
+                 budget.kind: state.cost(), "proxy": proxy, "candidates": candidates}
+        if evaluator is not None:
+            entry["accuracy"] = proxy if mode == "accuracy" else evaluator(state.masks(widths))
+        trajectory.append(entry)
         if evaluator is not None and recalibrate_every and len(trajectory) % recalibrate_every == 0:
             evaluator.recalibrate(state.masks(state.widths))
     bar.close()
@@ -184,28 +191,38 @@ def _apply_mask(out: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 class MaskedEvaluator:
-    """Validation accuracy of a masked structure, optionally after adaptive BN.
+    """Validation accuracy of a masked structure, after adaptive BN if given training batches.
 
-    ``recalibrate`` re-estimates BN statistics under the given masks (the greedy's
-    optional "recalibrate every few steps"); candidates are evaluated without it.
+    Works on its own copy of ``model``, so the caller's BN statistics never change.
+    A call re-estimates BN statistics under the masks with ``bn_fn(model, train_batches)``
+    (when both are given), scores ``val_batches`` and restores the statistics;
+    ``recalibrate`` keeps the re-estimated statistics (the greedy's optional
+    "recalibrate every few steps").
     """
 
     def __init__(self, model: nn.Module, space: Space, val_batches: list, train_batches: list | None = None,
                  bn_fn: Callable | None = None) -> None:
-        self.model, self.space = model.eval(), space
+        self.model, self.space = copy.deepcopy(model).eval(), space
         self.val_batches, self.train_batches, self.bn_fn = val_batches, train_batches, bn_fn
 
     @torch.no_grad()
     def __call__(self, masks: Mapping[str, torch.Tensor]) -> float:
+        saved = {k: v.clone() for k, v in self.model.state_dict().items() if k.split(".")[-1] in _BN_STATS}
+        self.recalibrate(masks)
         correct = total = 0
         device = next(self.model.parameters()).device
         with channel_masks(self.model, self.space, masks):
             for x, y in self.val_batches:
                 correct += (self.model(x.to(device)).argmax(1).cpu() == y).sum().item()
                 total += len(y)
+        self.model.load_state_dict(saved, strict=False)
         return correct / max(total, 1)
 
     def recalibrate(self, masks: Mapping[str, torch.Tensor]) -> None:
         if self.bn_fn is not None and self.train_batches:
             with channel_masks(self.model, self.space, masks):
                 self.bn_fn(self.model, self.train_batches)
+            self.model.eval()
+
+
+_BN_STATS = ("running_mean", "running_var", "num_batches_tracked")

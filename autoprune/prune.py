@@ -7,6 +7,7 @@ criterion or a mix) → widths (uniform, greedy or WSP, each fitted to the budge
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from .tp_baseline import tp_global_plan
 
 METHODS = ("uniform", "greedy", "wsp", "tp_global")
 CLUSTER_METHODS = ("hpse", "fchp", "sg")
+GREEDY_MODES = ("criterion", "accuracy")
 
 
 @dataclass
@@ -43,8 +45,20 @@ class Result:
     report: dict
 
 
-def _weights(criterion: "str | Mapping[str, float]") -> dict[str, float]:
-    """A criterion name or a mix {name: weight}, checked against the registry."""
+def check_options(method: str, criterion: "str | Mapping[str, float] | None" = None,
+                  clusters: str | None = None, greedy_mode: str = "criterion") -> dict[str, float]:
+    """The criterion weights, after checking every option (AutopruneError naming the choices).
+
+    Cheap, so callers (the CLI) run it before any training or calibration.
+    """
+    if method not in METHODS:
+        raise AutopruneError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}"
+                             " (or search: autoprune search / method='search')")
+    if clusters is not None and clusters not in CLUSTER_METHODS:
+        raise AutopruneError(f"unknown clusters {clusters!r}; choose one of {', '.join(CLUSTER_METHODS)}")
+    if greedy_mode not in GREEDY_MODES:
+        raise AutopruneError(f"unknown greedy mode {greedy_mode!r}; choose one of {', '.join(GREEDY_MODES)}")
+    criterion = criterion or ("wsp" if method == "wsp" else "di")
     weights = {criterion: 1.0} if isinstance(criterion, str) else dict(criterion)
     for name in weights:
         _criteria.get(name)
@@ -69,14 +83,15 @@ def _scores(space: Space, stats, weights: Mapping[str, float], num_classes: int)
 
 def choose_widths(method: str, space: Space, budget: Budget, scores: dict, stats,
                   evaluator: MaskedEvaluator | None = None, greedy_mode: str = "criterion",
-                  greedy_step: float = 0.005, wsp_variant: str = "weight",
+                  greedy_step: float = 0.005, recalibrate_every: int = 0, wsp_variant: str = "weight",
                   progress: bool = True) -> tuple[dict[str, int], list[dict]]:
     """Widths meeting ``budget`` by ``method``, and its trajectory (greedy only)."""
     if method == "uniform":
         return space.fit({u.name: 0.5 for u in space.units}, budget), []
     if method == "greedy":
         result = greedy_widths(space, scores, budget, step=greedy_step, mode=greedy_mode,
-                               evaluator=evaluator, progress=progress)
+                               evaluator=evaluator, recalibrate_every=recalibrate_every,
+                               progress=progress)
         return result.widths, result.trajectory
     if method == "wsp":  # the weak set at the smallest p that fits, then topped up to the budget
         from .wsp import wsp_widths
@@ -91,7 +106,7 @@ def prune(model: nn.Module, data: DataBundle, budget: "str | Budget" = "flops<=5
           clusters: str | None = None, cluster_k: int | None = None, finetune_epochs: int = 5,
           lr: float = 0.01, distill: bool = False, seed: int = 0, calib_images: int = 512,
           bn_batches: int = 50, greedy_mode: str = "criterion", greedy_step: float = 0.005,
-          out: str | Path | None = None, progress: bool = True,
+          greedy_bn_batches: int = 5, greedy_recalibrate: int = 0, out: str | Path | None = None, progress: bool = True,
           device: str | torch.device | None = None, space=None, trials: int = 64,
           workers: int = 2, address: str | None = None) -> Result:
     """Prune ``model`` to ``budget`` on ``data`` and fine-tune it; see the module doc.
@@ -99,7 +114,10 @@ def prune(model: nn.Module, data: DataBundle, budget: "str | Budget" = "flops<=5
     ``criterion`` is a name or a mix {name: weight}; by default ``di`` (``wsp``'s own
     saliency for method ``wsp``). ``clusters`` (hpse, fchp, sg) keeps channels from
     every cluster in proportion. ``greedy_mode="accuracy"`` scores greedy steps by
-    validation accuracy (the DI authors' way) instead of criterion loss per FLOP.
+    validation accuracy (the DI authors' way) instead of criterion loss per FLOP, each
+    candidate after adaptive BN on ``greedy_bn_batches`` training batches (0: none);
+    ``greedy_recalibrate=N`` re-estimates BN statistics under the committed structure
+    every N steps. Greedy records each step's validation accuracy in the trajectory.
 
     ``method="search"`` runs :func:`autoprune.search.tune.search` (Optuna on Ray Tune) with
     the search space ``space`` (name, YAML path or SearchSpace; default resnet_cifar),
@@ -116,11 +134,7 @@ def prune(model: nn.Module, data: DataBundle, budget: "str | Budget" = "flops<=5
                       finetune_epochs=finetune_epochs, lr=lr, distill=distill, seed=seed,
                       calib_images=calib_images, bn_batches=bn_batches, progress=progress, device=device)
     start = time.time()
-    if method not in METHODS:
-        raise AutopruneError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if clusters is not None and clusters not in CLUSTER_METHODS:
-        raise AutopruneError(f"unknown clusters {clusters!r}; choose one of {', '.join(CLUSTER_METHODS)}")
-    weights = _weights(criterion or ("wsp" if method == "wsp" else "di"))
+    weights = check_options(method, criterion, clusters, greedy_mode)
     torch.manual_seed(seed)
     device = torch.device(device) if device else evaluate.default_device()
     model = model.to(device).eval()
@@ -131,9 +145,10 @@ def prune(model: nn.Module, data: DataBundle, budget: "str | Budget" = "flops<=5
         plan, trajectory = tp_global_plan(space, budget), []
         widths, weights = space.complete(plan.kept_widths()), {"tp_magnitude": 1.0}
     else:
+        greedy = {"mode": greedy_mode, "step": greedy_step, "bn_batches": greedy_bn_batches,
+                  "recalibrate_every": greedy_recalibrate}
         plan, widths, trajectory = _plan(method, model, data, space, budget, weights, clusters,
-                                         cluster_k, seed, calib_images, bn_batches, greedy_mode,
-                                         greedy_step, progress, device)
+                                         cluster_k, seed, calib_images, greedy, progress, device)
     plan.meta = {"method": method, "criterion": weights, "budget": str(budget), "seed": seed}
     small = plan.apply(model)
     report = _finish(model, small, data, space, budget, widths, seed, finetune_epochs, lr,
@@ -146,23 +161,28 @@ def prune(model: nn.Module, data: DataBundle, budget: "str | Budget" = "flops<=5
 
 
 def _plan(method, model, data, space, budget, weights, clusters, cluster_k, seed, calib_images,
-          bn_batches, greedy_mode, greedy_step, progress, device) -> tuple[Plan, dict, list]:
+          greedy, progress, device) -> tuple[Plan, dict, list]:
     """Calibrate once, score, choose widths by ``method`` and select channels."""
     batches = loader(data.train, batch_size=64, shuffle=True, seed=seed)
     specs = _calibration_specs(weights, clusters, data.num_classes)
     stats = calibrate(space, model, batches, specs, n_images=calib_images, device=device,
                       progress=progress) if specs else Stats()
     scores = _scores(space, stats, weights, data.num_classes)
-    evaluator = _evaluator(model, space, data, seed, bn_batches) if greedy_mode == "accuracy" else None
-    widths, trajectory = choose_widths(method, space, budget, scores, stats, evaluator,
-                                       greedy_mode, greedy_step, progress=progress)
+    evaluator = _evaluator(model, space, data, seed, greedy["bn_batches"]) if method == "greedy" else None
+    widths, trajectory = choose_widths(method, space, budget, scores, stats, evaluator, greedy["mode"],
+                                       greedy["step"], greedy["recalibrate_every"], progress=progress)
     labels = grouping.cluster(clusters, space, stats, cluster_k) if clusters else None
     return select(space, widths, scores=scores, clusters=labels), widths, trajectory
 
 
-def _evaluator(model, space, data, seed, bn_batches) -> MaskedEvaluator:
-    val = list(loader(data.val, batch_size=256))
-    train = list(loader(data.train, batch_size=64, shuffle=True, seed=seed))[:bn_batches]
+GREEDY_VAL_BATCHES = 8
+"""Validation batches of 256 images the greedy scores each step on (accuracy mode, trajectory)."""
+
+
+def _evaluator(model, space, data, seed, bn_batches: int) -> MaskedEvaluator:
+    """Masked accuracy on the first validation batches, after adaptive BN on ``bn_batches``."""
+    val = list(itertools.islice(loader(data.val, batch_size=256), GREEDY_VAL_BATCHES))
+    train = list(itertools.islice(loader(data.train, batch_size=64, shuffle=True, seed=seed), bn_batches))
     return MaskedEvaluator(model, space, val, train, bn_fn=lambda m, b: evaluate.adaptive_bn(m, b))
 
 

@@ -45,7 +45,7 @@ def test_greedy_trajectory_monotone_and_lands(trained):
     assert all(a > b for a, b in zip(flops, flops[1:]))
     target = ap.Budget.parse("flops<=40%").target(space)
     assert target * 0.995 <= space.cost(result.widths).flops <= target
-    assert flops[-1] <= target * 1.005
+    assert target * 0.995 <= flops[-1] <= target  # the last step lands on the budget
 
 
 def test_greedy_accuracy_mode_commits_best_physical_candidate(trained):
@@ -54,8 +54,11 @@ def test_greedy_accuracy_mode_commits_best_physical_candidate(trained):
     scores = ap.criteria.score("l1", space)
     val = list(ap.data.loader(data.val, batch_size=256))
     evaluator = MaskedEvaluator(model, space, val)
-    result = greedy_widths(space, scores, "flops<=97%", step=0.02, mode="accuracy",
+    result = greedy_widths(space, scores, "flops<=94%", step=0.02, mode="accuracy",
                            evaluator=evaluator, progress=False)
+    assert len(result.trajectory) >= 2
+    for step in result.trajectory:  # every committed step is the best of its candidates
+        assert step["candidates"][step["unit"]] == max(step["candidates"].values()) == step["accuracy"]
     first = result.trajectory[0]
     # recompute each first-step candidate by physically pruning it
     physical = {}
@@ -69,9 +72,43 @@ def test_greedy_accuracy_mode_commits_best_physical_candidate(trained):
     assert physical[first["unit"]] == max(physical.values())
 
 
+def test_adaptive_bn_candidates_leave_the_model_untouched(trained):
+    """Accuracy mode with adaptive BN scores a candidate as physical pruning + adaptive BN
+    would, and the caller's BN statistics are unchanged afterwards."""
+    from autoprune.evaluate import adaptive_bn
+    model, data = trained
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    space = ap.Space(model, torch.zeros(1, *data.input_shape))
+    scores = ap.criteria.score("l1", space)
+    val = list(ap.data.loader(data.val, batch_size=256))
+    train = list(ap.data.loader(data.train, batch_size=64, shuffle=True, seed=0))[:3]
+    evaluator = MaskedEvaluator(model, space, val, train, bn_fn=lambda m, b: adaptive_bn(m, b))
+    state = _State(space, scores, "flops")
+    unit = space.units[3]
+    _, widths = state.candidate(unit, 0.05 * space.cost().flops)
+    masked = evaluator(state.masks(widths))
+    small = adaptive_bn(ap.select(space, widths, scores=scores).apply(model), train)
+    assert masked == pytest.approx(accuracy(small, data.val))
+    assert evaluator(state.masks(widths)) == masked  # statistics restored between candidates
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_prune_greedy_trajectory_records_accuracy(trained):
+    model, data = trained
+    result = prune(model, data, "flops<=80%", method="greedy", greedy_step=0.05, finetune_epochs=0,
+                   calib_images=64, bn_batches=3, greedy_bn_batches=2, progress=False)
+    steps = result.report["trajectory"]
+    assert len(steps) >= 3 and all(0.0 <= s["accuracy"] <= 1.0 for s in steps)
+    flops = [s["flops"] for s in steps]
+    assert all(a > b for a, b in zip(flops, flops[1:]))
+
+
 def _run(args, capsys):
+    """Exit code and stderr, which must be exactly one line when the command fails."""
     code = cli.main(args)
     err = capsys.readouterr().err.strip().splitlines()
+    if code != 0:
+        assert len(err) == 1, err
     return code, err[-1] if err else ""
 
 
@@ -99,6 +136,9 @@ def test_cli_prune_with_checkpoint(base_ckpt, tmp_path, capsys):
     (["--flops", "50%", "--criterion", "dii"], "unknown criterion"),
     (["--flops", "50%", "--params", "50%"], "exactly one budget"),
     (["--flops", "half"], "malformed"),
+    (["--flops", "50%", "--greedy-mode", "bogus"], "unknown greedy mode"),
+    (["--flops", "50%", "--clusters", "kmeans"], "unknown clusters"),
+    (["--flops", "50%", "--model", "resnet56"], "holds resnet20"),
 ])
 def test_cli_prune_bad_input(base_ckpt, tmp_path, capsys, extra, needle):
     code, line = _run(["prune", "--checkpoint", str(base_ckpt), "--out", str(tmp_path / "o"),
@@ -121,6 +161,30 @@ def test_cli_prune_bad_files(base_ckpt, tmp_path, capsys):
     code, line = _run(["prune", "--checkpoint", str(base_ckpt), "--flops", "50%",
                        "--out", str(blocker / "sub")], capsys)
     assert code == 2 and "cannot write to --out" in line
+
+
+def test_cli_prune_checks_options_before_training(tmp_path, capsys, monkeypatch):
+    """With --model/--data, bad options fail at once: no baseline is trained or cached."""
+    monkeypatch.setenv("AUTOPRUNE_CACHE", str(tmp_path / "cache"))
+    for extra, needle in ((["--flops", "50%", "--method", "magic"], "unknown method"),
+                          (["--flops", "50%", "--criterion", "dii"], "unknown criterion"),
+                          (["--flops", "150%"], "budget")):
+        code, line = _run(["prune", "--model", "resnet20", "--data", "digits", "--out",
+                           str(tmp_path / "o"), "--no-progress", *extra], capsys)
+        assert code == 2 and needle in line, line
+    assert not (tmp_path / "cache").exists()
+
+
+def test_cli_prune_interrupted_is_one_line(base_ckpt, tmp_path, capsys, monkeypatch):
+    import autoprune.prune as prune_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(prune_module, "prune", interrupted)
+    code = cli.main(["prune", "--checkpoint", str(base_ckpt), "--flops", "50%", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 130 and err == ["autoprune: interrupted"]
+    assert not (tmp_path / "o" / "report.json").exists()
 
 
 def test_atomic_save_keeps_old_file_on_failure(tmp_path):

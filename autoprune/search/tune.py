@@ -106,7 +106,7 @@ from ..space import Space
 from .space import Candidate, SearchSpace, load
 
 __all__ = ["PENALTY", "STATES", "OptunaSearcher", "Shared", "best_trial", "evaluate_candidate",
-           "importances", "mark_seeds", "pareto_front", "rebuild_study", "rungs", "search",
+           "driver_state", "importances", "mark_seeds", "pareto_front", "rebuild_study", "rungs", "search",
            "trial_fields", "trial_row", "trials_table"]
 
 PENALTY = -1.0
@@ -768,7 +768,7 @@ def _calibration(spec: SearchSpace, num_classes: int) -> list:
     return specs
 
 
-def _driver_state(model: nn.Module, data: DataBundle, spec: SearchSpace, budget: Budget, seed: int,
+def driver_state(model: nn.Module, data: DataBundle, spec: SearchSpace, budget: Budget, seed: int,
                   calib_images: int, progress: bool, device) -> tuple[Space, dict, dict | None]:
     """Space, per-criterion scores and per-k cluster labels, computed once."""
     from ..calibrate import calibrate
@@ -942,7 +942,7 @@ def _search(run: _Run, model, data, address, finetune_epochs, lr, distill, calib
     torch.manual_seed(seed)
     device = torch.device(device) if device else evaluate.default_device()
     model = model.to(device).eval()
-    space, scores, labels = _driver_state(model, data, spec, budget, seed, calib_images, progress, device)
+    space, scores, labels = driver_state(model, data, spec, budget, seed, calib_images, progress, device)
     if not run.resume:
         run.seeds = _seed_points(space, spec, budget, scores, progress)
         _record(run, inputs)
