@@ -112,15 +112,37 @@ def build_graph(model: nn.Module, example_input: torch.Tensor | tuple) -> tp.Dep
         return hook
 
     hooks = [m.register_forward_hook(note(n)) for n, m in _leaf_modules(model).items()]
+    running: list[str] = []  # modules whose forward has started and not returned
+    failed: list[str] = []   # ``running`` when a first forward attempt broke off (TP then retries)
+
+    def enter(name):
+        def hook(module, inputs):
+            if not name and running and not failed:
+                failed[:] = running
+            if not name:
+                running.clear()
+            running.append(name)
+        return hook
+
+    def leave(module, inputs, output):
+        running.pop()
+
+    for n, m in model.named_modules():
+        hooks += [m.register_forward_pre_hook(enter(n)), m.register_forward_hook(leave)]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             graph = tp.DependencyGraph().build_dependency(
                 model, example_inputs=_as_input_tuple(example_input), verbose=False)
-    except Exception as exc:  # noqa: BLE001 - re-raised with the model named
+    except Exception as exc:  # noqa: BLE001 - re-raised with the model and module named
+        stack, cause = failed or running, exc
+        while failed and cause.__context__ is not None:  # the first attempt's error, not the retry's
+            cause = cause.__context__
+        where = f" in module {stack[-1]!r} ({type(model.get_submodule(stack[-1])).__name__})" \
+            if stack and stack[-1] else " after its forward pass"
         raise ModelError(
-            f"cannot trace {type(model).__name__} into a dependency graph: "
-            f"{type(exc).__name__}: {exc}") from exc
+            f"cannot trace {type(model).__name__} into a dependency graph{where}: "
+            f"{type(cause).__name__}: {cause}") from exc
     finally:
         model.train(was_training)
         for h in hooks:

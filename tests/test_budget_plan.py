@@ -130,3 +130,46 @@ def test_plan_json_round_trip(space):
     assert data["units"][space.unit_names[1]]["kept"] == 4
     again = ap.Plan.from_dict(plan.to_dict())
     assert again.keep == plan.keep and again.input_shape == plan.input_shape
+
+
+class _Untraceable(torch.nn.Module):
+    """Runs without gradients (a plain forward) but not under Torch-Pruning's traced forward."""
+
+    def forward(self, x):
+        if x.requires_grad:
+            raise RuntimeError("op without autograd support")
+        return x
+
+
+def test_untraceable_model_error_names_the_module():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(),
+                                torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3), _Untraceable()))
+    with torch.no_grad():
+        model(torch.zeros(1, 3, 8, 8))  # fine without tracing
+    with pytest.raises(ap.ModelError, match=r"in module '2\.1' \(_Untraceable\).*without autograd"):
+        ap.Space(model, torch.zeros(1, 3, 8, 8))
+
+
+def test_load_into_a_user_supplied_model(tmp_path):
+    torch.manual_seed(0)
+    model = ap.models.create("resnet20", num_classes=10).eval()
+    x = torch.randn(2, 3, 16, 16)
+    space = ap.Space(model, x[:1])
+    plan = ap.select(space, space.fit({u.name: 0.4 for u in space.units}, "flops<=60%"))
+    small = plan.apply(model)
+    plan.save(tmp_path / "small.pt", small)
+    fresh = ap.models.create("resnet20", num_classes=10)  # other random weights, same architecture
+    again = ap.load(tmp_path / "small.pt", model=fresh)
+    assert torch.equal(again(x), small.eval()(x))
+    assert ap.fvcore_cost(again, x[:1]) == ap.fvcore_cost(small, x[:1])
+
+
+def test_round_to_keeps_widths_on_multiples():
+    model = ap.models.create("resnet20", num_classes=10)
+    space = ap.Space(model, torch.zeros(1, 3, 16, 16), round_to=8)
+    assert all(u.step % 8 == 0 for u in space.units)
+    widths = space.fit({u.name: 0.5 for u in space.units}, "flops<=50%")
+    assert all(widths[u.name] % 8 == 0 for u in space.units)
+    assert space.cost(widths).flops <= 0.5 * space.cost().flops
+    small = ap.select(space, widths).apply(model)
+    assert ap.fvcore_cost(small, torch.zeros(1, 3, 16, 16)) == space.cost(widths)

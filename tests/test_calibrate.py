@@ -1,5 +1,6 @@
 """Calibration taps, streaming-memory bound, caching, and criterion mixes."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -121,3 +122,18 @@ def test_mix_is_weighted_rank_sum():
 def test_unknown_criterion_suggests(setup):
     with pytest.raises(ap.AutopruneError, match="did you mean"):
         criteria.get("l11")
+
+
+def test_weight_criteria_known_answers():
+    """L1/L2 of constructed filters (channel c has every weight c+1) and |gamma| of the BN."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1, bias=False), torch.nn.BatchNorm2d(4),
+                                torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(4 * 2 * 2, 2))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.arange(1.0, 5.0).view(4, 1, 1, 1).expand(4, 3, 1, 1))
+        model[1].weight.copy_(torch.tensor([0.5, -2.0, 1.0, 0.1]))
+    space = ap.Space(model.eval(), torch.zeros(1, 3, 2, 2))
+    (unit,) = space.units
+    c = np.arange(1.0, 5.0)
+    assert np.allclose(criteria.score("l1", space)[unit.name].numpy(), 3 * c)
+    assert np.allclose(criteria.score("l2", space)[unit.name].numpy(), np.sqrt(3) * c)
+    assert np.allclose(criteria.score("bn_scale", space)[unit.name].numpy(), [0.5, 2.0, 1.0, 0.1])

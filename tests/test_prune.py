@@ -200,3 +200,24 @@ def test_atomic_save_keeps_old_file_on_failure(tmp_path):
         checkpoint.atomic_save({"state_dict": {}, "x": Boom()}, path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+
+
+@pytest.mark.slow
+def test_main_command_trains_caches_and_reuses_the_baseline(tmp_path, capsys, monkeypatch):
+    """The README's main command without --checkpoint: the baseline is trained once, cached,
+    reused by the next run; the pruned model recounts to the report."""
+    monkeypatch.setenv("AUTOPRUNE_CACHE", str(tmp_path / "cache"))
+    argv = ["prune", "--model", "resnet20", "--data", "digits", "--image-size", "8", "--flops", "50%",
+            "--baseline-epochs", "1", "--epochs", "1", "--calib-images", "64", "--no-progress"]
+    assert cli.main([*argv, "--out", str(tmp_path / "a")]) == 0
+    (cached,) = (tmp_path / "cache").iterdir()
+    stamp = cached.stat().st_mtime_ns
+    assert cli.main([*argv, "--out", str(tmp_path / "b")]) == 0
+    assert cached.stat().st_mtime_ns == stamp and len(list((tmp_path / "cache").iterdir())) == 1
+    out = capsys.readouterr().out
+    assert "realized" in out and "accuracy" in out
+    a, b = (json.loads((tmp_path / d / "report.json").read_text()) for d in "ab")
+    assert a["base"]["accuracy"] == b["base"]["accuracy"]  # the same cached baseline
+    small = ap.load(tmp_path / "a" / "model.pt")
+    recount = ap.fvcore_cost(small, torch.zeros(1, 3, 8, 8))
+    assert recount.flops == a["pruned"]["flops"] <= a["budget"]["target"]

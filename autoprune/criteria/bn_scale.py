@@ -1,13 +1,14 @@
 """BN scale (network slimming, Liu et al., 2017): |γ| of the unit's norm layers.
 
 Coupled units (residual adds) have several norm layers; their |γ| are summed.
-Units without a norm layer fall back to nothing: they raise, naming the unit.
+Units without an affine norm layer raise ModelError naming the unit (no silent fallback).
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..errors import ModelError
 from .base import Criterion
 
 
@@ -22,6 +23,6 @@ class BNScale(Criterion):
             gammas = [space.model.get_submodule(n).weight for n in unit.norms
                       if getattr(space.model.get_submodule(n), "weight", None) is not None]
             if not gammas:
-                raise ValueError(f"bn_scale: unit {unit.name} has no affine norm layer")
+                raise ModelError(f"bn_scale: unit {unit.name} has no affine norm layer; use l1 or l2")
             out[unit.name] = sum(g.detach().abs().float().cpu() for g in gammas)
         return out
