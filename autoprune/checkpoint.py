@@ -6,12 +6,14 @@ temporary name and renamed, so an interrupted run never leaves half a file.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Mapping
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -44,6 +46,19 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` atomically (same temporary-file-and-rename scheme)."""
     with _atomic(path, "w") as f:
         f.write(text)
+
+
+def write_json(path: str | os.PathLike, obj: object) -> None:
+    """``obj`` as indented JSON, atomically; numpy scalars and tensors become numbers/lists."""
+    atomic_write_text(path, json.dumps(obj, indent=1, default=_jsonable))
+
+
+def _jsonable(x):
+    if isinstance(x, (np.integer, np.floating)):
+        return x.item()
+    if isinstance(x, torch.Tensor):
+        return x.tolist()
+    raise TypeError(f"not JSON-serialisable: {type(x).__name__}")
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict:

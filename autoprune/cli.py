@@ -330,13 +330,19 @@ def _summary(report: dict) -> None:
         print(f"{label:<11}{x:>10}{y:>10}{'' if r is None else f'{r:.3f}':>8}")
 
 
-@command(
-    "prune", "prune a model to a FLOPs or params budget and fine-tune it",
+BASELINE_AND_BUDGET = (
     arg("--checkpoint", metavar="FILE", help="baseline from 'autoprune train'"),
     arg("--model", metavar="NAME", help="without --checkpoint: train (and cache) this baseline"),
     *data_args(required=False),
     arg("--flops", metavar="V", help="FLOPs that remain: 50%%, 0.5 or 62M"),
     arg("--params", metavar="V", help="parameters that remain: 50%% or 1.2M"),
+)
+"""The baseline (a checkpoint, or a model name and data to train and cache one) and one budget."""
+
+
+@command(
+    "prune", "prune a model to a FLOPs or params budget and fine-tune it",
+    *BASELINE_AND_BUDGET,
     arg("--method", default="greedy", help="greedy (default), uniform, wsp or tp_global (Torch-Pruning's "
                                            "global magnitude); for search use 'autoprune search'"),
     arg("--criterion", metavar="C", help="di (default), hpse, fchp, hrank, taylor, l1, ... or a mix di:0.6,hpse:0.4"),
@@ -380,11 +386,7 @@ SEARCH_INPUTS = ("checkpoint", "model", "data", "image_size", "data_root", "down
 
 @command(
     "search", "search pruned structures (Optuna on Ray Tune) and fine-tune the best",
-    arg("--checkpoint", metavar="FILE", help="baseline from 'autoprune train'"),
-    arg("--model", metavar="NAME", help="without --checkpoint: train (and cache) this baseline"),
-    *data_args(required=False),
-    arg("--flops", metavar="V", help="FLOPs that remain: 50%%, 0.5 or 62M"),
-    arg("--params", metavar="V", help="parameters that remain: 50%% or 1.2M"),
+    *BASELINE_AND_BUDGET,
     arg("--space", default="resnet_cifar", metavar="NAME|FILE",
         help="packaged search space (resnet_cifar, vgg_cifar, generic) or a YAML file (default resnet_cifar)"),
     arg("--trials", type=POS_INT, default=64, help="structures to evaluate, the 2 seeds included (default 64)"),
@@ -495,9 +497,8 @@ def compare(args: argparse.Namespace) -> int:
     if args.fidelity:
         fid = proxy_fidelity(model, bundle, budgets[len(budgets) // 2], n=args.fidelity, space=args.space,
                              finetune_epochs=args.epochs, seed=args.seed, progress=not args.no_progress)
-        from .checkpoint import atomic_write_text
-        import json
-        atomic_write_text(out / "fidelity.json", json.dumps(fid, indent=1))
+        from .checkpoint import write_json
+        write_json(out / "fidelity.json", fid)
         print(f"proxy fidelity over {fid['n']} structures at {fid['budget']}: Kendall tau "
               f"adaptive-BN {fid['kendall_tau_adaptive_bn']:.2f}, proxy fine-tune "
               f"{fid['kendall_tau_proxy_finetune']:.2f}")

@@ -17,13 +17,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
-import torch
 from scipy.stats import kendalltau
 from torch import nn
 
 from . import evaluate
 from .budget import Budget
-from .checkpoint import atomic_write_text
+from .checkpoint import atomic_write_text, write_json
 from .data import DataBundle
 from .prune import prune
 from .search.space import SearchSpace
@@ -125,7 +124,7 @@ def write_results(out: Path, results: dict) -> None:
     """results.json, results.csv, results.md and the plots, each written atomically."""
     from .report import plot_accuracy_vs_flops, plot_width_comparison
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "results.json", json.dumps(results, indent=1))
+    write_json(out / "results.json", results)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=FIELDS)
     writer.writeheader()

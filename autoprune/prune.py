@@ -8,7 +8,6 @@ criterion or a mix) → widths (uniform, greedy or WSP, each fitted to the budge
 from __future__ import annotations
 
 import itertools
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -217,18 +216,10 @@ def _measure(model: nn.Module, data: DataBundle, shape: tuple, device) -> dict:
 
 def write_outputs(out: Path, plan: Plan, small: nn.Module, report: dict) -> None:
     """model.pt, plan.json, report.json and widths.png into ``out``, each written atomically."""
-    from .checkpoint import atomic_write_text
+    from .checkpoint import atomic_write_text, write_json
     from .report import plot_widths
     out.mkdir(parents=True, exist_ok=True)
     plan.save(out / "model.pt", small)
     atomic_write_text(out / "plan.json", plan.to_json())
-    atomic_write_text(out / "report.json", json.dumps(report, indent=1, default=_jsonable))
+    write_json(out / "report.json", report)
     plot_widths(report["widths"], out / "widths.png", title=f"{report['method']} @ {report['budget']['spec']}")
-
-
-def _jsonable(x):
-    if isinstance(x, (np.integer, np.floating)):
-        return x.item()
-    if isinstance(x, torch.Tensor):
-        return x.tolist()
-    raise TypeError(f"not JSON-serialisable: {type(x).__name__}")

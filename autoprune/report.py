@@ -1,4 +1,5 @@
-"""Figures for reports: per-unit widths as pruning papers show them, and comparisons."""
+"""Figures for reports: per-unit widths as pruning papers show them, comparisons, and a
+search's optimisation history, Pareto front and parameter importances."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -58,6 +60,66 @@ def plot_width_comparison(per_method: Mapping[str, Mapping[str, Sequence[int]]],
     ax.set_ylabel("kept fraction")
     ax.set_title(title)
     ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+def plot_history(rows: Sequence[dict], path: str | Path, title: str = "") -> None:
+    """Proxy score per trial number; best-so-far line; seeds starred, failures crossed."""
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    style = {"COMPLETE": ("o", "#3b75af", "complete"), "PRUNED": (".", "#a0a0a0", "stopped early (ASHA)"),
+             "FAIL": ("x", "#c0392b", "diverged (penalty)")}
+    for state, (marker, color, label) in style.items():
+        pts = [(r["number"], r["proxy_score"]) for r in rows
+               if r["state"] == state and r["number"] is not None and r["proxy_score"] is not None]
+        if pts:
+            ax.scatter(*zip(*pts), marker=marker, color=color, s=22, label=label, zorder=3)
+    done = sorted((r["number"], r["proxy_score"]) for r in rows
+                  if r["state"] == "COMPLETE" and r["number"] is not None)
+    if done:
+        best = np.maximum.accumulate([s for _, s in done])
+        ax.step([n for n, _ in done], best, where="post", color="#e67e22", label="best so far")
+    for r in rows:
+        if r.get("seed_of") and r["proxy_score"] is not None:
+            ax.scatter([r["number"]], [r["proxy_score"]], marker="*", s=140, color="#27ae60", zorder=4)
+            ax.annotate(r["seed_of"], (r["number"], r["proxy_score"]), textcoords="offset points",
+                        xytext=(4, 4), fontsize=7)
+    ax.set_xlabel("trial")
+    ax.set_ylabel("proxy score (accuracy)")
+    ax.set_title(title or "optimisation history")
+    ax.legend(fontsize=7, loc="best")
+    _save(fig, path)
+
+
+def plot_pareto(rows: Sequence[dict], path: str | Path, title: str = "") -> None:
+    """Proxy score vs FLOPs of the complete trials; the Pareto front joined."""
+    fig, ax = plt.subplots(figsize=(6.0, 3.8))
+    done = [r for r in rows if r["state"] == "COMPLETE"]
+    ax.scatter([r["flops"] for r in done], [r["proxy_score"] for r in done], color="#a0a0a0", s=18,
+               label="complete trials")
+    early = [r for r in rows if r["state"] == "PRUNED"]
+    if early:
+        ax.scatter([r["flops"] for r in early], [r["proxy_score"] for r in early], color="#c8c8c8",
+                   marker="x", s=16, label="stopped early (lower fidelity)")
+    from .search.tune import pareto_front
+
+    front = pareto_front(rows)
+    ax.plot([r["flops"] for r in front], [r["proxy_score"] for r in front], "o-", color="#3b75af",
+            label="Pareto front")
+    ax.set_xlabel("FLOPs (multiply-adds)")
+    ax.set_ylabel("proxy score (accuracy)")
+    ax.set_title(title or "Pareto front")
+    ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+def plot_importances(values: Mapping[str, float], path: str | Path, title: str = "") -> None:
+    """Horizontal bars of Optuna's parameter importances."""
+    names = list(values)[::-1]
+    fig, ax = plt.subplots(figsize=(6.0, max(2.0, 0.3 * len(names) + 1)))
+    ax.barh(names, [values[n] for n in names], color="#3b75af")
+    ax.set_xlabel("importance (fANOVA)")
+    ax.set_title(title or "parameter importances")
+    ax.tick_params(axis="y", labelsize=7)
     _save(fig, path)
 
 

@@ -24,7 +24,6 @@ from autoprune.evaluate import proxy_finetune
 from autoprune.prune import prune
 from autoprune.search import tune as st
 from autoprune.search.space import SearchSpace, Section, load
-from autoprune.train import train
 
 TINY = """\
 ratios:
@@ -36,15 +35,6 @@ criteria: [l1]
 proxy: {bn_batches: 2, finetune_steps: 5, eval_batches: 1, lr: 0.01}
 sampler: {name: tpe, n_startup_trials: 4}
 """
-
-
-@pytest.fixture(scope="module")
-def trained():
-    torch.manual_seed(0)
-    data = ap.data.load("digits", image_size=8)
-    model = ap.models.create("resnet20", num_classes=10)
-    train(model, data, epochs=2, progress=False)
-    return model.eval(), data
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ Units without an affine norm layer raise ModelError naming the unit (no silent f
 
 from __future__ import annotations
 
-import torch
 
 from ..errors import ModelError
 from .base import Criterion

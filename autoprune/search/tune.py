@@ -660,82 +660,6 @@ def importances(rows: Sequence[dict], spec: SearchSpace, space: Space,
     return {k: float(v) for k, v in result.items()}, ""
 
 
-# --------------------------------------------------------------------------- plots
-
-
-def _save(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.tight_layout()
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
-
-
-def plot_history(rows: Sequence[dict], path: Path, title: str = "") -> None:
-    """Proxy score per trial number; best-so-far line; seeds starred, failures crossed."""
-    from ..report import plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 3.6))
-    style = {"COMPLETE": ("o", "#3b75af", "complete"), "PRUNED": (".", "#a0a0a0", "stopped early (ASHA)"),
-             "FAIL": ("x", "#c0392b", "diverged (penalty)")}
-    for state, (marker, color, label) in style.items():
-        pts = [(r["number"], r["proxy_score"]) for r in rows
-               if r["state"] == state and r["number"] is not None and r["proxy_score"] is not None]
-        if pts:
-            ax.scatter(*zip(*pts), marker=marker, color=color, s=22, label=label, zorder=3)
-    done = sorted((r["number"], r["proxy_score"]) for r in rows
-                  if r["state"] == "COMPLETE" and r["number"] is not None)
-    if done:
-        best = np.maximum.accumulate([s for _, s in done])
-        ax.step([n for n, _ in done], best, where="post", color="#e67e22", label="best so far")
-    for r in rows:
-        if r.get("seed_of") and r["proxy_score"] is not None:
-            ax.scatter([r["number"]], [r["proxy_score"]], marker="*", s=140, color="#27ae60", zorder=4)
-            ax.annotate(r["seed_of"], (r["number"], r["proxy_score"]), textcoords="offset points",
-                        xytext=(4, 4), fontsize=7)
-    ax.set_xlabel("trial")
-    ax.set_ylabel("proxy score (accuracy)")
-    ax.set_title(title or "optimisation history")
-    ax.legend(fontsize=7, loc="best")
-    _save(fig, Path(path))
-
-
-def plot_pareto(rows: Sequence[dict], path: Path, title: str = "") -> None:
-    """Proxy score vs FLOPs of the complete trials; the Pareto front joined."""
-    from ..report import plt
-
-    fig, ax = plt.subplots(figsize=(6.0, 3.8))
-    done = [r for r in rows if r["state"] == "COMPLETE"]
-    ax.scatter([r["flops"] for r in done], [r["proxy_score"] for r in done], color="#a0a0a0", s=18,
-               label="complete trials")
-    early = [r for r in rows if r["state"] == "PRUNED"]
-    if early:
-        ax.scatter([r["flops"] for r in early], [r["proxy_score"] for r in early], color="#c8c8c8",
-                   marker="x", s=16, label="stopped early (lower fidelity)")
-    front = pareto_front(rows)
-    ax.plot([r["flops"] for r in front], [r["proxy_score"] for r in front], "o-", color="#3b75af",
-            label="Pareto front")
-    ax.set_xlabel("FLOPs (multiply-adds)")
-    ax.set_ylabel("proxy score (accuracy)")
-    ax.set_title(title or "Pareto front")
-    ax.legend(fontsize=7)
-    _save(fig, Path(path))
-
-
-def plot_importances(values: Mapping[str, float], path: Path, title: str = "") -> None:
-    """Horizontal bars of Optuna's parameter importances."""
-    from ..report import plt
-
-    names = list(values)[::-1]
-    fig, ax = plt.subplots(figsize=(6.0, max(2.0, 0.3 * len(names) + 1)))
-    ax.barh(names, [values[n] for n in names], color="#3b75af")
-    ax.set_xlabel("importance (fANOVA)")
-    ax.set_title(title or "parameter importances")
-    ax.tick_params(axis="y", labelsize=7)
-    _save(fig, Path(path))
-
-
 # --------------------------------------------------------------------------- driver
 
 
@@ -935,7 +859,7 @@ def _search(run: _Run, model, data, address, finetune_epochs, lr, distill, calib
             cpus_per_trial, max_failures, progress, device, inputs, start):
     from ray import tune
 
-    from ..checkpoint import atomic_write_text
+    from ..checkpoint import write_json
     from ..prune import Result, _finish, write_outputs
 
     spec, budget, seed = run.spec, run.budget, run.seed
@@ -966,7 +890,7 @@ def _search(run: _Run, model, data, address, finetune_epochs, lr, distill, calib
 
     fields = trial_fields(_results(grid), run.seeds)
     rows, best = fields["trials"], fields["best_trial"]
-    atomic_write_text(run.out / TRIALS_FILE, json.dumps(rows, indent=1, default=_jsonable))
+    write_json(run.out / TRIALS_FILE, rows)
     if best is None:
         raise AutopruneError(f"no trial of {len(rows)} finished with a score (states: "
                              f"{fields['states']}); see {run.out / TRIALS_FILE}")
@@ -995,6 +919,7 @@ def _search(run: _Run, model, data, address, finetune_epochs, lr, distill, calib
                 "importances_note": why, "experiment": str(run.experiment)},
         elapsed_s=round(time.time() - start, 2))
     write_outputs(run.out, plan, small, report)
+    from ..report import plot_history, plot_importances, plot_pareto
     plot_history(rows, run.out / "history.png", title=f"search @ {budget}")
     if imp:
         plot_importances(imp, run.out / "importances.png")
@@ -1052,11 +977,3 @@ def _count_states(rows: Sequence[dict]) -> dict[str, int]:
     for r in rows:
         counts[r["state"]] = counts.get(r["state"], 0) + 1
     return counts
-
-
-def _jsonable(x):
-    if isinstance(x, (np.integer, np.floating)):
-        return x.item()
-    if isinstance(x, torch.Tensor):
-        return x.tolist()
-    raise TypeError(f"not JSON-serialisable: {type(x).__name__}")
