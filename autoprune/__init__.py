@@ -5,6 +5,10 @@
 >>> space = ap.Space(model, torch.randn(1, 3, 16, 16))
 >>> widths = space.fit({u.name: 0.5 for u in space.units}, "flops<=50%")
 >>> small = ap.select(space, widths).apply(model)
+>>> result = ap.prune(model, ap.data.load("digits"), "flops<=50%", method="greedy")
+
+``ap.prune`` and ``ap.compare`` are the functions; their modules stay importable as
+``importlib.import_module("autoprune.prune")`` (and ``from autoprune.prune import ...``).
 """
 
 import warnings
@@ -21,9 +25,13 @@ from .plan import Plan, load, select
 from .space import Space, Unit
 from .wsp import wsp_plan, wsp_widths
 from .criteria.fpar import attention as fpar_attention, fpar_scores
+from . import search  # noqa: E402
+from .prune import Result, prune  # noqa: E402
+from .compare import compare, proxy_fidelity  # noqa: E402
 
 __all__ = [
     "AutopruneError", "Budget", "BudgetError", "CheckpointError", "Cost", "DataError",
-    "ModelError", "Plan", "fpar_attention", "fpar_scores", "wsp_plan", "wsp_widths", "Space", "Unit", "calibrate", "criteria", "data", "fvcore_cost", "load",
-    "models", "select",
+    "ModelError", "Plan", "Result", "Space", "Unit", "calibrate", "compare", "criteria", "data",
+    "fpar_attention", "fpar_scores", "fvcore_cost", "load", "models", "proxy_fidelity", "prune",
+    "search", "select", "wsp_plan", "wsp_widths",
 ]

@@ -176,7 +176,8 @@ def test_cli_prune_checks_options_before_training(tmp_path, capsys, monkeypatch)
 
 
 def test_cli_prune_interrupted_is_one_line(base_ckpt, tmp_path, capsys, monkeypatch):
-    import autoprune.prune as prune_module
+    import importlib
+    prune_module = importlib.import_module("autoprune.prune")
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

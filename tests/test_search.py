@@ -475,3 +475,10 @@ def test_diverged_trial_is_penalised_and_crashed_worker_retried(tiny, trained, t
             assert r["proxy_steps"] < 4
     assert result.report["best_trial"]["state"] == "COMPLETE"
     assert result.report["search"]["states"]["FAIL"] == 1
+
+
+def test_trials_request_fractional_gpus_only_where_present():
+    assert st._resources(2, 1, gpus=True) == {"cpu": 1, "gpu": 0.5}
+    assert st._resources(4, 2, gpus=True) == {"cpu": 2, "gpu": 0.25}
+    assert st._resources(1, 1, gpus=True) == {"cpu": 1, "gpu": 1.0}
+    assert st._resources(2, 1, gpus=False) == {"cpu": 1, "gpu": 0.0}
