@@ -325,16 +325,22 @@ def self_group_model(model: nn.Module, convs: list[str] | str = "all", k: int | 
     names = eligible_convs(model) if convs == "all" else list(convs)
     spec: Spec = {}
     for name in names:
-        try:
-            conv = model.get_submodule(name)
-        except AttributeError:
-            raise ModelError(f"no module named {name!r} to self-group") from None
-        if type(conv) is not nn.Conv2d or conv.groups != 1:
-            raise ModelError(f"{name}: self-grouping needs a dense nn.Conv2d (groups=1), got "
-                             f"{type(conv).__name__}")
+        conv = _dense_conv(model, name)
         spec[name] = self_group_entry(conv, _per_conv(k, name, "k"), _per_conv(cp, name, "cp"),
                                       seed, restarts)
     return apply_self_grouping(model, spec, copy=copy), spec
+
+
+def _dense_conv(model: nn.Module, name: str) -> nn.Conv2d:
+    """The dense conv ``name`` of ``model``; ModelError if absent or not a dense nn.Conv2d."""
+    try:
+        conv = model.get_submodule(name)
+    except AttributeError:
+        raise ModelError(f"self-grouping names {name!r}, which the model lacks") from None
+    if type(conv) is not nn.Conv2d or conv.groups != 1:
+        raise ModelError(f"{name}: self-grouping needs a dense nn.Conv2d (groups=1), got "
+                         f"{type(conv).__name__}")
+    return conv
 
 
 def apply_self_grouping(model: nn.Module, spec: Mapping[str, Mapping], copy: bool = True) -> nn.Module:
@@ -346,13 +352,7 @@ def apply_self_grouping(model: nn.Module, spec: Mapping[str, Mapping], copy: boo
     """
     out = _copy.deepcopy(model) if copy else model
     for name, entry in spec.items():
-        try:
-            conv = out.get_submodule(name)
-        except AttributeError:
-            raise ModelError(f"self-grouping names {name!r}, which the model lacks") from None
-        if type(conv) is not nn.Conv2d or conv.groups != 1:
-            raise ModelError(f"{name}: self-grouping needs a dense nn.Conv2d (groups=1), got "
-                             f"{type(conv).__name__}")
+        conv = _dense_conv(out, name)
         groups = [int(g) for g in entry["groups"]]
         inputs = [[int(j) for j in s] for s in entry["inputs"]]
         _check_entry(groups, inputs, conv.in_channels, conv.out_channels, name)
