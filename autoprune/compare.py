@@ -132,8 +132,9 @@ def write_results(out: Path, results: dict) -> None:
     atomic_write_text(out / "results.csv", buf.getvalue())
     atomic_write_text(out / "results.md", markdown(results["summary"]))
     plot_accuracy_vs_flops(results["summary"], out / "accuracy_vs_flops.png")
+    seed = results["settings"]["seeds"][-1]  # ``widths`` holds each method's last-seed structure
     for budget, per_method in results["widths"].items():
-        plot_width_comparison(per_method, out / f"widths_{_slug(budget)}.png", title=budget)
+        plot_width_comparison(per_method, out / f"widths_{_slug(budget)}.png", title=f"{budget}, seed {seed}")
 
 
 def proxy_fidelity(model: nn.Module, data: DataBundle, budget: str = "flops<=50%", n: int = 12,

@@ -222,3 +222,13 @@ def test_main_command_trains_caches_and_reuses_the_baseline(tmp_path, capsys, mo
     small = ap.load(tmp_path / "a" / "model.pt")
     recount = ap.fvcore_cost(small, torch.zeros(1, 3, 8, 8))
     assert recount.flops == a["pruned"]["flops"] <= a["budget"]["target"]
+
+
+def test_atomic_writes_get_ordinary_permissions(tmp_path):
+    import os
+    path = tmp_path / "report.json"
+    checkpoint.write_json(path, {"a": 1})
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask
+    assert json.loads(path.read_text()) == {"a": 1}
