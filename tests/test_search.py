@@ -482,3 +482,24 @@ def test_trials_request_fractional_gpus_only_where_present():
     assert st._resources(4, 2, gpus=True) == {"cpu": 2, "gpu": 0.25}
     assert st._resources(1, 1, gpus=True) == {"cpu": 1, "gpu": 1.0}
     assert st._resources(2, 1, gpus=False) == {"cpu": 1, "gpu": 0.0}
+
+
+@pytest.mark.slow
+def test_multi_objective_search_draws_a_pareto_front(tiny, trained, tmp_path):
+    model, data = trained
+    tiny.write_text(TINY.replace("sampler: {name: tpe, n_startup_trials: 4}",
+                                 "sampler: {name: nsga2, population_size: 4}")
+                    + "objective: accuracy_flops\nbudget_scale: [0.5, 1.0]\n")
+    out = tmp_path / "run"
+    report = st.search(model, data, "flops<=50%", space=tiny, trials=6, workers=2, finetune_epochs=0,
+                       out=out, progress=False).report
+    rows = report["trials"]
+    target = report["budget"]["target"]
+    assert len(rows) == 6 and all(r["flops"] <= target for r in rows)
+    assert len({r["flops"] for r in rows}) >= 3  # the budget fraction is searched too
+    front = st.pareto_front(rows)
+    for r in front:  # no complete trial beats a front member on both objectives
+        assert not any(o["proxy_score"] >= r["proxy_score"] and o["flops"] < r["flops"]
+                       for o in rows if o["state"] == "COMPLETE")
+    assert report["search"]["metrics"] == ["proxy_score", "flops"]
+    assert (out / "pareto.png").stat().st_size > 1000
