@@ -339,6 +339,16 @@ BASELINE_AND_BUDGET = (
 )
 """The baseline (a checkpoint, or a model name and data to train and cache one) and one budget."""
 
+FINETUNE = (
+    arg("--epochs", type=NONNEG_INT, default=5, help="fine-tuning epochs of the pruned model (default 5)"),
+    arg("--lr", type=POS_FLOAT, default=0.01, help="fine-tuning learning rate (default 0.01)"),
+    arg("--distill", action="store_true", help="fine-tune with distillation from the dense model"),
+    arg("--baseline-epochs", type=POS_INT, default=30, help="epochs when training the baseline (default 30)"),
+    arg("--calib-images", type=POS_INT, default=512, help="calibration images (default 512)"),
+    SEED,
+)
+"""Fine-tuning, baseline training, calibration and seed options shared by prune and search."""
+
 
 @command(
     "prune", "prune a model to a FLOPs or params budget and fine-tune it",
@@ -352,12 +362,7 @@ BASELINE_AND_BUDGET = (
         help="adaptive-BN batches before scoring each greedy step's accuracy (default 5; 0: none)"),
     arg("--greedy-recalibrate", type=NONNEG_INT, default=0, metavar="N",
         help="re-estimate BN under the committed structure every N greedy steps (default 0: never)"),
-    arg("--epochs", type=NONNEG_INT, default=5, help="fine-tuning epochs (default 5)"),
-    arg("--lr", type=POS_FLOAT, default=0.01, help="fine-tuning learning rate (default 0.01)"),
-    arg("--distill", action="store_true", help="fine-tune with distillation from the dense model"),
-    arg("--baseline-epochs", type=POS_INT, default=30, help="epochs when training the baseline (default 30)"),
-    arg("--calib-images", type=POS_INT, default=512, help="calibration images (default 512)"),
-    SEED,
+    *FINETUNE,
     arg("--out", required=True, metavar="DIR", help="receives model.pt, plan.json, report.json, widths.png"),
     arg("--no-progress", action="store_true", help="no progress bars"),
 )
@@ -393,12 +398,7 @@ SEARCH_INPUTS = ("checkpoint", "model", "data", "image_size", "data_root", "down
     arg("--workers", type=POS_INT, default=2, help="trials running at once (default 2)"),
     arg("--address", metavar="auto|HOST:PORT",
         help="join a running Ray cluster (default: start a local Ray and stop it at the end)"),
-    arg("--epochs", type=NONNEG_INT, default=5, help="fine-tuning epochs of the best structure (default 5)"),
-    arg("--lr", type=POS_FLOAT, default=0.01, help="fine-tuning learning rate (default 0.01)"),
-    arg("--distill", action="store_true", help="fine-tune with distillation from the dense model"),
-    arg("--baseline-epochs", type=POS_INT, default=30, help="epochs when training the baseline (default 30)"),
-    arg("--calib-images", type=POS_INT, default=512, help="calibration images (default 512)"),
-    SEED,
+    *FINETUNE,
     arg("--out", metavar="DIR", help="receives the Ray Tune experiment (tune/), model.pt, plan.json, "
                                      "report.json and plots"),
     arg("--resume", metavar="DIR", help="continue the interrupted search in DIR with its recorded "
@@ -408,6 +408,8 @@ SEARCH_INPUTS = ("checkpoint", "model", "data", "image_size", "data_root", "down
 def search(args: argparse.Namespace) -> int:
     import json
 
+    from .budget import Budget
+    from .search import load as load_space
     from .search.tune import SETTINGS_FILE, search as run
 
     if args.resume is not None:
@@ -431,6 +433,8 @@ def search(args: argparse.Namespace) -> int:
         if args.out is None:
             raise UsageError("give --out DIR for a new search, or --resume DIR to continue one")
         budget = _budget(args)
+        Budget.parse(budget)  # budget and search space checked before a baseline is trained
+        load_space(args.space)
         out = _writable(args.out)
         for key in ("checkpoint", "data_root"):  # recorded for --resume, which may run elsewhere
             if getattr(args, key) is not None:
