@@ -100,3 +100,33 @@ def test_proxy_fidelity_tau_matches_scipy_free_count(trained, tmp_path):
     expected = tau([r["proxy_finetune"] for r in rows], final)
     got = fid["kendall_tau_proxy_finetune"]
     assert (got != got and expected != expected) or got == pytest.approx(expected)
+
+
+def test_compare_resumes_an_interrupted_search(trained, tmp_path, monkeypatch):
+    """A search run folder holding a Tune experiment but no report is resumed, not restarted."""
+    import importlib
+
+    from autoprune.prune import Result
+    tune = importlib.import_module("autoprune.search.tune")
+    model, data = trained
+    calls = []
+
+    def fake_search(model, data, **kw):
+        calls.append(kw)
+        report = json.loads(json.dumps(FAKE_REPORT))
+        return Result(model, None, report)
+    monkeypatch.setattr(tune, "search", fake_search)
+    run = tmp_path / "runs" / "flops-50pct-search-s0"
+    (run / "tune").mkdir(parents=True)
+    results = compare(model, data, budgets=("flops<=50%",), methods=("search",), seeds=(0,),
+                      finetune_epochs=0, progress=False, out=tmp_path, space="generic", trials=4)
+    assert len(calls) == 1 and calls[0]["resume"] is True and calls[0]["out"] == run
+    assert "space" not in calls[0] and "trials" not in calls[0]  # the recorded settings apply
+    assert results["rows"][0]["accuracy"] == FAKE_REPORT["pruned"]["accuracy"]
+
+
+FAKE_REPORT = {"method": "search", "seed": 0, "elapsed_s": 1.0, "widths": {"conv1": [8, 16]},
+               "budget": {"spec": "flops<=50%"},
+               "base": {"flops": 100, "params": 10, "accuracy": 0.9, "latency_ms": 1.0},
+               "pruned": {"flops": 50, "params": 6, "accuracy": 0.8, "accuracy_adaptive_bn": 0.5,
+                          "latency_ms": 0.6}}
