@@ -18,7 +18,7 @@ inside it (adaptive BN + fine-tune + evaluation).
 * throughput: trials per minute of ``fit`` wall time (end to end) and of the span from the
   first trial's start to the last one's end (steady state); 2 vs 1 workers. Target: >= 1.7x.
 
-    python benchmarks/search.py [--trials 16]
+    python benchmarks/search.py [--trials 32]
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def run(model, data, trials: int, workers: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", type=int, default=16)
+    parser.add_argument("--trials", type=int, default=32)
     args = parser.parse_args()
     torch.manual_seed(0)
     data = ap.data.load("digits", image_size=8)
