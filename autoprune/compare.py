@@ -48,8 +48,12 @@ def compare(model: nn.Module, data: DataBundle, budgets: Sequence[str] = ("flops
                 if method != "search":
                     kw = {k: v for k, v in kw.items() if k not in ("space", "trials", "workers", "address")}
                 run_out = Path(out) / "runs" / f"{_slug(budget)}-{method}-s{seed}" if out else None
-                report = _run(model, data, budget, method, seed, run_out, criterion=criterion,
-                              finetune_epochs=finetune_epochs, progress=progress, **kw)
+                try:
+                    report = _run(model, data, budget, method, seed, run_out, criterion=criterion,
+                                  finetune_epochs=finetune_epochs, progress=progress, **kw)
+                except KeyboardInterrupt:
+                    raise KeyboardInterrupt("compare stopped; run the same command again to continue "
+                                            "(finished runs are reused)" if out else "") from None
                 rows.append(_row(budget, method, seed, report))
                 widths.setdefault(budget, {})[method] = report["widths"]
     summary = summarise(rows)

@@ -386,10 +386,11 @@ def _kill_session(pid: int) -> None:
             pass
 
 
-@pytest.mark.slow
-def test_killed_driver_resumes_without_losing_or_repeating(tiny, trained, tmp_path):
+def _start_driver(tiny, trained, tmp_path) -> tuple[subprocess.Popen, Path, dict]:
+    """`autoprune search` (8 trials of ~1 s, 2 workers) in a subprocess of its own session,
+    returned once it is running; output goes to tmp_path/driver.log."""
     model, data = trained
-    tiny.write_text(TINY.replace("finetune_steps: 5", "finetune_steps: 60"))  # trials of ~1 s, so the kill lands mid-search
+    tiny.write_text(TINY.replace("finetune_steps: 5", "finetune_steps: 60"))  # trials of ~1 s
     base = tmp_path / "base.pt"
     checkpoint.save_baseline(base, model, data={"name": "digits", "image_size": 8},
                              input_shape=list(data.input_shape))
@@ -398,25 +399,55 @@ def test_killed_driver_resumes_without_losing_or_repeating(tiny, trained, tmp_pa
             "--space", str(tiny), "--trials", "8", "--workers", "2", "--epochs", "0", "--out", str(out),
             "--no-progress"]
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
-    log = open(tmp_path / "driver.log", "w")
-    proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.time() + 150
-        while _finished(out) < 3 and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.2)
-        assert proc.poll() is None, (tmp_path / "driver.log").read_text()[-2000:]
-        assert _finished(out) >= 3
-    finally:
-        _kill_session(proc.pid)
-        proc.wait()
-        log.close()
-    assert not (out / "report.json").exists()
-    done_before = {name: rows[-1]["started_at"] for name, rows in _final_lines(out).items() if rows}
-    assert 3 <= len(done_before) < 8
+    with open(tmp_path / "driver.log", "w") as log:
+        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return proc, out, env
+
+
+def _wait_for_finished(proc, out: Path, n: int, tmp_path) -> None:
+    deadline = time.time() + 150
+    while _finished(out) < n and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert proc.poll() is None, (tmp_path / "driver.log").read_text()[-2000:]
+    assert _finished(out) >= n
+
+
+def _resume(out: Path, env: dict) -> dict:
     resumed = subprocess.run([sys.executable, "-m", "autoprune.cli", "search", "--resume", str(out),
                               "--no-progress"], env=env, capture_output=True, text=True, timeout=240)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    report = json.loads((out / "report.json").read_text())
+    return json.loads((out / "report.json").read_text())
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_with_one_line_and_resumes(tiny, trained, tmp_path):
+    proc, out, env = _start_driver(tiny, trained, tmp_path)
+    try:
+        _wait_for_finished(proc, out, 2, tmp_path)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 130
+    finally:
+        _kill_session(proc.pid)
+    last = (tmp_path / "driver.log").read_text().strip().splitlines()[-1]
+    assert last.startswith("autoprune: interrupted: search stopped after ") and f"--resume {out}" in last
+    assert not (out / "report.json").exists() and not (out / "model.pt").exists()
+    rows = _resume(out, env)["trials"]
+    assert sorted(r["number"] for r in rows) == list(range(8)) and all(r["state"] == "COMPLETE" for r in rows)
+
+
+@pytest.mark.slow
+def test_killed_driver_resumes_without_losing_or_repeating(tiny, trained, tmp_path):
+    _, data = trained
+    proc, out, env = _start_driver(tiny, trained, tmp_path)
+    try:
+        _wait_for_finished(proc, out, 3, tmp_path)
+    finally:
+        _kill_session(proc.pid)
+        proc.wait()
+    assert not (out / "report.json").exists()
+    done_before = {name: rows[-1]["started_at"] for name, rows in _final_lines(out).items() if rows}
+    assert 3 <= len(done_before) < 8
+    report = _resume(out, env)
     rows = report["trials"]
     assert report["search"]["resumed"] and len(rows) == 8
     assert sorted(r["number"] for r in rows) == list(range(8))

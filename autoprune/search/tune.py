@@ -783,7 +783,8 @@ def search(model: nn.Module, data: DataBundle, budget: "str | Budget" = "flops<=
     the search in ``out`` with the settings recorded there (``budget``, ``space``,
     ``trials``, ``workers`` and ``seed`` given here are then ignored).
     ``finetune_epochs``/``lr``/``distill``/``bn_batches`` are the final fine-tune of the
-    best structure, as in :func:`autoprune.prune`. ``inputs`` are recorded in
+    best structure, as in :func:`autoprune.prune`. Stopped early (Ctrl-C), it raises
+    KeyboardInterrupt naming how to resume, and writes no model or report. ``inputs`` are recorded in
     ``search.json`` (the CLI stores how to rebuild model and data for ``--resume``).
     Returns :class:`autoprune.prune.Result`; ``result.report`` is report.json.
     """
@@ -798,6 +799,11 @@ def search(model: nn.Module, data: DataBundle, budget: "str | Budget" = "flops<=
                         trials, workers, seed)
         return _search(run, model, data, address, finetune_epochs, lr, distill, calib_images,
                        bn_batches, cpus_per_trial, max_failures, progress, device, inputs, start)
+    except KeyboardInterrupt as exc:
+        if temp is None and str(exc):  # Tune saved its state: say how to continue
+            raise KeyboardInterrupt(f"{exc}; continue with: autoprune search --resume {out} "
+                                    "(search(..., resume=True))") from None
+        raise
     finally:
         if temp is not None:
             shutil.rmtree(temp, ignore_errors=True)
@@ -891,6 +897,9 @@ def _search(run: _Run, model, data, address, finetune_epochs, lr, distill, calib
     fields = trial_fields(_results(grid), run.seeds)
     rows, best = fields["trials"], fields["best_trial"]
     write_json(run.out / TRIALS_FILE, rows)
+    finished = sum(r["state"] != "INCOMPLETE" for r in rows)
+    if finished < run.trials:  # Tune ends a run early only when stopped (Ctrl-C, SIGTERM)
+        raise KeyboardInterrupt(f"search stopped after {finished} of {run.trials} trials")
     if best is None:
         raise AutopruneError(f"no trial of {len(rows)} finished with a score (states: "
                              f"{fields['states']}); see {run.out / TRIALS_FILE}")
