@@ -254,11 +254,18 @@ def train(args: argparse.Namespace) -> int:
 
 
 def _budget(args: argparse.Namespace) -> str:
-    """--flops 50% / --params 1.2M as a budget string (exactly one of them)."""
+    """--flops 50% / --params 1.2M as a budget string (exactly one of them), checked
+    (BudgetError if malformed) before any long work starts."""
     if (args.flops is None) == (args.params is None):
         raise UsageError("give exactly one budget: --flops VALUE or --params VALUE (e.g. --flops 50%)")
     kind, value = ("flops", args.flops) if args.flops is not None else ("params", args.params)
-    return f"{kind}<={value}"
+    return _checked_budget(f"{kind}<={value}")
+
+
+def _checked_budget(text: str) -> str:
+    from .budget import Budget
+    Budget.parse(text)
+    return text
 
 
 def _criterion(text: str | None):
@@ -367,11 +374,9 @@ FINETUNE = (
     arg("--no-progress", action="store_true", help="no progress bars"),
 )
 def prune(args: argparse.Namespace) -> int:
-    from .budget import Budget
     from .prune import check_options, prune as run
 
-    budget = _budget(args)
-    Budget.parse(budget)  # every option checked before a baseline is trained or loaded
+    budget = _budget(args)  # every option checked before a baseline is trained or loaded
     check_options(args.method, _criterion(args.criterion), args.clusters, args.greedy_mode)
     out = _writable(args.out)
     model, bundle = _prune_inputs(args)
@@ -408,7 +413,6 @@ SEARCH_INPUTS = ("checkpoint", "model", "data", "image_size", "data_root", "down
 def search(args: argparse.Namespace) -> int:
     import json
 
-    from .budget import Budget
     from .search import load as load_space
     from .search.tune import SETTINGS_FILE, search as run
 
@@ -432,8 +436,7 @@ def search(args: argparse.Namespace) -> int:
     else:
         if args.out is None:
             raise UsageError("give --out DIR for a new search, or --resume DIR to continue one")
-        budget = _budget(args)
-        Budget.parse(budget)  # budget and search space checked before a baseline is trained
+        budget = _budget(args)  # budget and search space checked before a baseline is trained
         load_space(args.space)
         out = _writable(args.out)
         for key in ("checkpoint", "data_root"):  # recorded for --resume, which may run elsewhere
@@ -487,10 +490,7 @@ def compare(args: argparse.Namespace) -> int:
     if (args.flops is None) == (args.params is None):
         raise UsageError("give budgets with exactly one of --flops or --params (e.g. --flops 70% 50% 30%)")
     kind, values = ("flops", args.flops) if args.flops else ("params", args.params)
-    budgets = [f"{kind}<={v}" for v in values]
-    from .budget import Budget
-    for b in budgets:
-        Budget.parse(b)
+    budgets = [_checked_budget(f"{kind}<={v}") for v in values]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     out = _writable(args.out)
     model, bundle = _prune_inputs(args)

@@ -159,11 +159,11 @@ def proxy_fidelity(model: nn.Module, data: DataBundle, budget: str = "flops<=50%
     from .search.tune import Shared, build_structure, driver_state, evaluate_candidate
 
     spec = space if isinstance(space, SearchSpace) else load(space)
+    budget = Budget.parse(budget)
     device = evaluate.default_device()
     model = model.to(device).eval()
-    units, scores, labels = driver_state(model, data, spec, Budget.parse(budget), seed, calib_images,
-                                         progress, device)
-    shared = Shared(model, units, spec, str(Budget.parse(budget)), scores, labels, data, seed)
+    units, scores, labels = driver_state(model, data, spec, budget, seed, calib_images, progress, device)
+    shared = Shared(model, units, spec, str(budget), scores, labels, data, seed)
     bn_only = replace(shared, spec=replace(spec, proxy=Section({**spec.proxy, "finetune_steps": 0})))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
@@ -179,7 +179,7 @@ def proxy_fidelity(model: nn.Module, data: DataBundle, budget: str = "flops<=50%
                      "proxy_finetune": evaluate_candidate(shared, trial.params)["proxy_score"],
                      "final": evaluate.accuracy(small.eval(), data.test)})
     final = [r["final"] for r in rows]
-    return {"budget": str(Budget.parse(budget)), "n": n, "space": spec.name, "proxy": dict(spec.proxy),
+    return {"budget": str(budget), "n": n, "space": spec.name, "proxy": dict(spec.proxy),
             "finetune_epochs": finetune_epochs, "candidates": rows,
             "kendall_tau_adaptive_bn": float(kendalltau([r["adaptive_bn"] for r in rows], final)[0]),
             "kendall_tau_proxy_finetune": float(kendalltau([r["proxy_finetune"] for r in rows], final)[0])}

@@ -207,15 +207,18 @@ class MaskedEvaluator:
 
     @torch.no_grad()
     def __call__(self, masks: Mapping[str, torch.Tensor]) -> float:
-        saved = {k: v.clone() for k, v in self.model.state_dict().items() if k.split(".")[-1] in _BN_STATS}
-        self.recalibrate(masks)
+        adapts = self.bn_fn is not None and bool(self.train_batches)
+        if adapts:
+            saved = {k: v.clone() for k, v in self.model.state_dict().items() if k.split(".")[-1] in _BN_STATS}
+            self.recalibrate(masks)
         correct = total = 0
         device = next(self.model.parameters()).device
         with channel_masks(self.model, self.space, masks):
             for x, y in self.val_batches:
                 correct += (self.model(x.to(device)).argmax(1).cpu() == y).sum().item()
                 total += len(y)
-        self.model.load_state_dict(saved, strict=False)
+        if adapts:
+            self.model.load_state_dict(saved, strict=False)
         return correct / max(total, 1)
 
     def recalibrate(self, masks: Mapping[str, torch.Tensor]) -> None:
