@@ -9,25 +9,35 @@
 
 ``ap.prune`` and ``ap.compare`` are the functions; their modules stay importable as
 ``importlib.import_module("autoprune.prune")`` (and ``from autoprune.prune import ...``).
+
+Names are loaded on first use (PEP 562 ``__getattr__``): ``import autoprune`` imports
+neither torch nor anything else heavy, so the command line can answer a Ctrl-C during
+those imports with one line (:mod:`autoprune.__main__`).
 """
 
+import importlib
+import sys
+import types
 import warnings
 
 # torch-pruning imports torch.jit.script, which torch 2.x marks deprecated on import.
 warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated", category=FutureWarning)
 
-from . import criteria, data, models  # noqa: E402
-from .calibrate import calibrate  # noqa: E402
-from .budget import Budget
-from .cost import Cost, fvcore_cost
-from .errors import AutopruneError, BudgetError, CheckpointError, DataError, ModelError
-from .plan import Plan, load, select
-from .space import Space, Unit
-from .wsp import wsp_plan, wsp_widths
-from .criteria.fpar import attention as fpar_attention, fpar_scores
-from . import search  # noqa: E402
-from .prune import Result, prune  # noqa: E402
-from .compare import compare, proxy_fidelity  # noqa: E402
+_SOURCES = {  # public name -> (submodule, attribute; None: the submodule itself)
+    "criteria": ("criteria", None), "data": ("data", None), "models": ("models", None),
+    "search": ("search", None), "calibrate": ("calibrate", "calibrate"), "Budget": ("budget", "Budget"),
+    "Cost": ("cost", "Cost"), "fvcore_cost": ("cost", "fvcore_cost"),
+    "AutopruneError": ("errors", "AutopruneError"), "BudgetError": ("errors", "BudgetError"),
+    "CheckpointError": ("errors", "CheckpointError"), "DataError": ("errors", "DataError"),
+    "ModelError": ("errors", "ModelError"), "Plan": ("plan", "Plan"), "load": ("plan", "load"),
+    "select": ("plan", "select"), "Space": ("space", "Space"), "Unit": ("space", "Unit"),
+    "wsp_plan": ("wsp", "wsp_plan"), "wsp_widths": ("wsp", "wsp_widths"),
+    "fpar_attention": ("criteria.fpar", "attention"), "fpar_scores": ("criteria.fpar", "fpar_scores"),
+    "Result": ("prune", "Result"), "prune": ("prune", "prune"), "compare": ("compare", "compare"),
+    "proxy_fidelity": ("compare", "proxy_fidelity"),
+}
+# Functions named like their module: importing the module must not rebind the name to it.
+_FUNCTIONS = frozenset(name for name, (module, attr) in _SOURCES.items() if attr == module == name)
 
 __all__ = [
     "AutopruneError", "Budget", "BudgetError", "CheckpointError", "Cost", "DataError",
@@ -35,3 +45,34 @@ __all__ = [
     "fpar_attention", "fpar_scores", "fvcore_cost", "load", "models", "proxy_fidelity", "prune",
     "search", "select", "wsp_plan", "wsp_widths",
 ]
+
+
+def __getattr__(name: str):
+    if name in _SOURCES:
+        module, attr = _SOURCES[name]
+        value = importlib.import_module(f"{__name__}.{module}")
+        if attr is not None:
+            value = getattr(value, attr)
+        globals()[name] = value
+        return value
+    if not name.startswith("__"):  # any other submodule, e.g. autoprune.evaluate
+        try:
+            return importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}":
+                raise
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    def __setattr__(self, name: str, value) -> None:
+        if name in _FUNCTIONS and isinstance(value, types.ModuleType):
+            return  # the import system binding autoprune.prune (the module) on the package
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

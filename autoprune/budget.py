@@ -9,23 +9,32 @@ target and, where unit granularity allows, within 0.5% below it.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Mapping
 
 import numpy as np
 
-from .errors import BudgetError
+from .errors import BudgetError, short
 
 KINDS = ("flops", "params")
 SUFFIX = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9}
 TOLERANCE = 0.005
-_PATTERN = re.compile(r"^\s*(flops|params)\s*<=\s*([0-9]*\.?[0-9]+)\s*(%|[kKmMgG])?\s*$")
+MAX_ABSOLUTE = 1e15
+"""The largest absolute budget accepted (10^15 FLOPs or params: far above any CNN's)."""
+_PATTERN = re.compile(r"^\s*(flops|params)\s*<=\s*([-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?"
+                      r"|[-+]?(?:inf|infinity|nan))\s*(%|[kKmMgG])?\s*$", re.IGNORECASE)
+_FORMAT = ("write KIND<=VALUE with KIND flops or params and VALUE like 50%, 0.5, 62M or 1.2M")
 
 
 @dataclass(frozen=True)
 class Budget:
-    """At most ``value`` FLOPs or params remain: a fraction of the base if ``relative``."""
+    """At most ``value`` FLOPs or params remain: a fraction of the base if ``relative``.
+
+    ``str(budget)`` parses back to an equal Budget (exactly: ``"flops<=50%"`` stays
+    ``"flops<=50%"``, ``"params<=1234567"`` stays ``"params<=1234567"``).
+    """
 
     kind: str
     value: float
@@ -36,23 +45,39 @@ class Budget:
         """Parse ``flops<=50%``, ``flops<=0.5``, ``flops<=62M`` or ``params<=1.2M``."""
         if isinstance(text, Budget):
             return text
-        m = _PATTERN.match(str(text))
+        text = str(text)
+        m = _PATTERN.match(text) if len(text) <= 400 else None
         if not m:
-            raise BudgetError(f"budget {text!r} is malformed; write KIND<=VALUE with KIND flops or "
-                              "params and VALUE like 50%, 0.5, 62M or 1.2M")
-        kind, number, suffix = m.group(1), float(m.group(2)), (m.group(3) or "")
+            raise BudgetError(f"budget {short(text)} is malformed; {_FORMAT}")
+        kind, number, suffix = m.group(1).lower(), float(m.group(2)), (m.group(3) or "")
+        if not math.isfinite(number):
+            raise BudgetError(f"budget {short(text)}: VALUE must be a finite number; {_FORMAT}")
+        if number <= 0:
+            raise BudgetError(f"budget {short(text)}: VALUE must be positive; {_FORMAT}")
         if suffix == "%" or (not suffix and number <= 1):
             fraction = number / 100 if suffix == "%" else number
             if not 0 < fraction <= 1:
-                raise BudgetError(f"budget {text!r}: a relative budget must be in (0%, 100%]")
+                raise BudgetError(f"budget {short(text)}: a relative budget must be in (0%, 100%] "
+                                  "(a plain VALUE above 1 is an absolute count)")
             return cls(kind, fraction, True)
-        if number <= 0:
-            raise BudgetError(f"budget {text!r} must be positive")
-        return cls(kind, number * SUFFIX[suffix.lower()], False)
+        value = number * SUFFIX[suffix.lower()]
+        if value <= 1:
+            raise BudgetError(f"budget {short(text)}: an absolute budget must be more than 1 "
+                              "(like 62M or 1.2G); for a fraction write 50% or 0.5")
+        if value > MAX_ABSOLUTE:
+            raise BudgetError(f"budget {short(text)}: an absolute budget must be at most "
+                              f"{MAX_ABSOLUTE:.0e} (like 62M or 1.2G); for a fraction write 50% or 0.5")
+        return cls(kind, value, False)
 
     def __str__(self) -> str:
-        value = f"{self.value * 100:g}%" if self.relative else f"{self.value / 1e6:g}M"
-        return f"{self.kind}<={value}"
+        """The shortest spelling that parses back to exactly this budget."""
+        for text in _spellings(self):
+            try:
+                if Budget.parse(text) == self:
+                    return text
+            except BudgetError:
+                pass
+        return f"{self.kind}<={self.value!r}"  # a fraction (<= 1) or a count (> 1): exact either way
 
     def target(self, space) -> int:
         """The absolute target for ``space``; BudgetError if outside what it can reach."""
@@ -77,6 +102,32 @@ class Budget:
         return {"kind": self.kind, "spec": str(self), "base": base, "target": target,
                 "realized": realized, "realized_ratio": realized / base,
                 "within_tolerance": target * (1 - TOLERANCE) <= realized <= target}
+
+
+def _spellings(budget: Budget):
+    """Candidate spellings of ``budget``, shortest first: 50%, then 62M / 1234567, then repr."""
+    kind, v = budget.kind, float(budget.value)
+    if not math.isfinite(v):
+        return
+    if budget.relative:
+        for digits in range(0, 20):
+            yield f"{kind}<={_fixed(v * 100, digits)}%"
+        yield f"{kind}<={v!r}"
+        return
+    for suffix in ("G", "M", "K"):
+        scaled = v / SUFFIX[suffix.lower()]
+        if scaled >= 1:
+            for digits in range(0, 3):  # 62M, 1.2M, 2.25G; else the plain count (1234567)
+                yield f"{kind}<={_fixed(scaled, digits)}{suffix}"
+    if v.is_integer():
+        yield f"{kind}<={int(v)}"
+    yield f"{kind}<={v!r}"
+
+
+def _fixed(x: float, digits: int) -> str:
+    """``x`` with at most ``digits`` decimals, no exponent, no trailing zeros."""
+    text = f"{x:.{digits}f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text
 
 
 def _human(n: float) -> str:

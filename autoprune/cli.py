@@ -16,7 +16,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from .errors import AutopruneError, CheckpointError, ModelError
+from .errors import AutopruneError, CheckpointError, ModelError, short
+from .limits import MAX_CHANNELS, MAX_CLASSES, MAX_IMAGE_SIZE
+from .train import MAX_LR
 
 PROG = "autoprune"
 EXIT_USAGE = 2
@@ -59,22 +61,31 @@ def command(name: str, help: str, *arguments: tuple):
     return register
 
 
-def _number(kind: type, positive: bool = True) -> Callable[[str], float]:
-    """An argparse type: a finite ``kind`` above zero (``positive``) or at least zero."""
-    what = "positive" if positive else "non-negative"
+def _number(kind: type, positive: bool = True, maximum: float | None = None,
+            why: str = "") -> Callable[[str], float]:
+    """An argparse type: a finite ``kind`` above zero (``positive``) or at least zero, and at
+    most ``maximum`` (``why`` says why, in the error)."""
+    what = ("positive" if positive else "non-negative") + f" {kind.__name__}"
+    if maximum is not None:
+        what += f" at most {maximum:g}" + (f" ({why})" if why else "")
 
     def parse(text: str):
         try:
-            value = kind(text)
+            value = kind(text) if len(text) <= 100 else None
         except ValueError:
             value = None
-        if value is None or not math.isfinite(value) or value < 0 or (positive and value == 0):
-            raise argparse.ArgumentTypeError(f"expected a {what} {kind.__name__}, got {text!r}")
+        if value is None or not math.isfinite(value) or value < 0 or (positive and value == 0) \
+                or (maximum is not None and value > maximum):
+            raise argparse.ArgumentTypeError(f"expected a {what}, got {short(text)}")
         return value
     return parse
 
 
 POS_INT, POS_FLOAT, NONNEG_INT = _number(int), _number(float), _number(int, positive=False)
+IMAGE_SIZE = _number(int, maximum=MAX_IMAGE_SIZE, why="larger images cannot fit in memory")
+CLASSES = _number(int, maximum=MAX_CLASSES)
+CHANNELS = _number(int, maximum=MAX_CHANNELS)
+LR = _number(float, maximum=MAX_LR, why="larger rates only diverge")
 
 SEED = arg("--seed", type=NONNEG_INT, default=0, help="fixes data splits, shuffling and init (default 0)")
 def data_args(required: bool) -> tuple:
@@ -83,7 +94,8 @@ def data_args(required: bool) -> tuple:
         arg("--data", required=required, metavar="NAME",
             help="digits, synthetic, cifar10, cifar100 or imagefolder:PATH"
                  + ("" if required else " (default: the checkpoint's)")),
-        arg("--image-size", type=POS_INT, metavar="N", help="resize images to NxN (dataset default)"),
+        arg("--image-size", type=IMAGE_SIZE, metavar="N",
+            help=f"resize images to NxN, N <= {MAX_IMAGE_SIZE} (dataset default)"),
         arg("--data-root", metavar="DIR", help="folder holding cifar10/cifar100 files"),
         arg("--download", action="store_true", help="download cifar10/cifar100 into --data-root"),
     )
@@ -118,6 +130,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         where = f": {exc.filename}" if exc.filename else ""
         return _fail(f"{exc.strerror or exc}{where}")
+    except (MemoryError, torch.OutOfMemoryError) as exc:  # a size no check foresaw
+        return _fail(f"out of memory ({type(exc).__name__}); use a smaller --image-size, "
+                     "--batch-size or model")
+    except RuntimeError as exc:
+        if "can't allocate memory" not in str(exc):
+            raise
+        return _fail("out of memory (the CPU allocator refused); use a smaller --image-size, "
+                     "--batch-size or model")
 
 
 def _fail(message: str, limit: int = 400) -> int:
@@ -140,7 +160,11 @@ def _human(n: float, unit: str = "") -> str:
 
 
 def _probe(model: torch.nn.Module, shape: Sequence[int], name: str) -> torch.Tensor:
-    """A zero input of ``shape``, checked to pass through ``model`` (one clear error if not)."""
+    """A zero input of ``shape``, checked to fit in memory and to pass through ``model``
+    (one clear error if not)."""
+    from .limits import check_forward
+
+    check_forward(model, shape, name, batch_size=1)
     x = torch.zeros(1, *shape)
     was_training = model.training
     try:
@@ -200,9 +224,10 @@ def _unit_shares(space) -> list[tuple[float, float]]:
     "info", "list a model's prunable units and what each costs",
     arg("--model", metavar="NAME", help="model name (see autoprune.models.available())"),
     arg("--checkpoint", metavar="FILE", help="a baseline written by 'autoprune train'"),
-    arg("--input-size", type=POS_INT, default=32, metavar="S", help="input is SxS (default 32)"),
-    arg("--num-classes", type=POS_INT, default=10, metavar="K", help="default 10"),
-    arg("--channels", type=POS_INT, default=3, metavar="C", help="input channels (default 3)"),
+    arg("--input-size", type=IMAGE_SIZE, default=32, metavar="S",
+        help=f"input is SxS, S <= {MAX_IMAGE_SIZE} (default 32)"),
+    arg("--num-classes", type=CLASSES, default=10, metavar="K", help=f"at most {MAX_CLASSES} (default 10)"),
+    arg("--channels", type=CHANNELS, default=3, metavar="C", help="input channels (default 3)"),
 )
 def info(args: argparse.Namespace) -> int:
     from .space import Space
@@ -226,7 +251,7 @@ def info(args: argparse.Namespace) -> int:
     arg("--model", required=True, metavar="NAME", help="model name, e.g. resnet20"),
     *DATA,
     arg("--epochs", type=POS_INT, default=30, help="default 30"),
-    arg("--lr", type=POS_FLOAT, default=0.1, help="peak learning rate (default 0.1)"),
+    arg("--lr", type=LR, default=0.1, help="peak learning rate (default 0.1)"),
     arg("--batch-size", type=POS_INT, default=64, help="default 64"),
     SEED,
     arg("--out", default="base.pt", metavar="FILE", help="checkpoint to write (default base.pt)"),
@@ -234,13 +259,17 @@ def info(args: argparse.Namespace) -> int:
 )
 def train(args: argparse.Namespace) -> int:
     from . import checkpoint, data, models
-    from .train import train as fit
+    from .limits import check_forward
+    from .train import default_device, train as fit
 
+    _writable_file(args.out)
     bundle = data.load(args.data, image_size=args.image_size, seed=args.seed,
                        root=args.data_root, download=args.download)
     torch.manual_seed(args.seed)
     model = models.create(args.model, num_classes=bundle.num_classes)
     _probe(model, bundle.input_shape, args.model)
+    check_forward(model, bundle.input_shape, args.model, batch_size=args.batch_size, training=True,
+                  device=default_device(), hint="use a smaller --image-size or --batch-size")
     history = fit(model, bundle, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                   seed=args.seed, progress=not args.no_progress)
     checkpoint.save_baseline(args.out, model.cpu(), accuracy=history["test_acc"],
@@ -268,19 +297,32 @@ def _checked_budget(text: str) -> str:
     return text
 
 
-def _criterion(text: str | None):
-    """'di' or a mix 'di:0.6,hpse:0.4'."""
-    if text is None or ":" not in text:
-        return text
-    weights = {}
-    for part in text.split(","):
-        name, _, w = part.partition(":")
-        try:
-            weights[name.strip()] = float(w)
-        except ValueError:
-            raise UsageError(f"--criterion mix {text!r}: weight {w!r} is not a number "
-                             "(write NAME:WEIGHT,NAME:WEIGHT)") from None
-    return weights
+def _criterion(text: str | None) -> dict[str, float] | None:
+    """--criterion 'di' or a mix 'di:0.6,hpse:0.4' as checked weights (None: the method's default)."""
+    from .criteria import parse_mix
+
+    if text is None:
+        return None
+    try:
+        return parse_mix(text)
+    except AutopruneError as exc:
+        raise type(exc)(f"--criterion: {exc}") from None
+
+
+def _writable_file(out: str) -> Path:
+    """The --out file path, checked writable (its folder created) before any long work starts:
+    not a folder, and a file can be created beside it."""
+    path = Path(out)
+    if path.is_dir():
+        raise UsageError(f"--out {short(out)} is a folder; give a file path, e.g. {Path(out) / 'base.pt'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe = path.parent / f".{path.name}.autoprune-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise AutopruneError(f"cannot write --out {short(out)}: {exc.strerror or exc}") from None
+    return path
 
 
 def _writable(out: str) -> Path:
@@ -298,19 +340,21 @@ def _writable(out: str) -> Path:
 
 def _prune_inputs(args: argparse.Namespace):
     """(model, data) from --checkpoint (its data by default) or --model/--data (cached baseline)."""
-    from . import data
+    from . import data, models
     from .baseline import cached_baseline, check_compatible
+    from .prune import check_fits
 
     if args.checkpoint is None:
         if args.model is None or args.data is None:
             raise UsageError("give --checkpoint FILE, or --model NAME and --data NAME")
         bundle = data.load(args.data, image_size=args.image_size, seed=args.seed,
                            root=args.data_root, download=args.download)
+        check_fits(models.create(args.model, num_classes=bundle.num_classes), bundle)
         model, _ = cached_baseline(args.model, bundle, epochs=args.baseline_epochs, seed=args.seed,
                                    progress=not args.no_progress)
         return model, bundle
     model, meta = _load_checkpoint(args)
-    saved = meta.get("data", {})
+    saved = meta.get("data") or {}
     name = args.data or saved.get("name")
     if name is None:
         raise UsageError(f"{args.checkpoint} does not record its dataset; pass --data NAME")
@@ -318,6 +362,7 @@ def _prune_inputs(args: argparse.Namespace):
     bundle = data.load(name, image_size=size, seed=args.seed, root=args.data_root,
                        download=args.download)
     check_compatible(model, bundle, f"checkpoint {args.checkpoint}")
+    check_fits(model, bundle)
     return model, bundle
 
 
@@ -348,10 +393,11 @@ BASELINE_AND_BUDGET = (
 
 FINETUNE = (
     arg("--epochs", type=NONNEG_INT, default=5, help="fine-tuning epochs of the pruned model (default 5)"),
-    arg("--lr", type=POS_FLOAT, default=0.01, help="fine-tuning learning rate (default 0.01)"),
+    arg("--lr", type=LR, default=0.01, help="fine-tuning learning rate (default 0.01)"),
     arg("--distill", action="store_true", help="fine-tune with distillation from the dense model"),
     arg("--baseline-epochs", type=POS_INT, default=30, help="epochs when training the baseline (default 30)"),
-    arg("--calib-images", type=POS_INT, default=512, help="calibration images (default 512)"),
+    arg("--calib-images", type=POS_INT, default=512,
+        help="calibration images (default 512; di compares classes, so needs at least 2)"),
     SEED,
 )
 """Fine-tuning, baseline training, calibration and seed options shared by prune and search."""
@@ -377,10 +423,11 @@ def prune(args: argparse.Namespace) -> int:
     from .prune import check_options, prune as run
 
     budget = _budget(args)  # every option checked before a baseline is trained or loaded
-    check_options(args.method, _criterion(args.criterion), args.clusters, args.greedy_mode)
+    criterion = check_options(args.method, _criterion(args.criterion), args.clusters, args.greedy_mode,
+                              args.calib_images)
     out = _writable(args.out)
     model, bundle = _prune_inputs(args)
-    result = run(model, bundle, budget, method=args.method, criterion=_criterion(args.criterion),
+    result = run(model, bundle, budget, method=args.method, criterion=criterion,
                  clusters=args.clusters, finetune_epochs=args.epochs, lr=args.lr,
                  distill=args.distill, seed=args.seed, calib_images=args.calib_images,
                  greedy_mode=args.greedy_mode, greedy_bn_batches=args.greedy_bn_batches,
@@ -411,10 +458,8 @@ SEARCH_INPUTS = ("checkpoint", "model", "data", "image_size", "data_root", "down
     arg("--no-progress", action="store_true", help="no progress bars or Tune status tables"),
 )
 def search(args: argparse.Namespace) -> int:
-    import json
-
     from .search import load as load_space
-    from .search.tune import SETTINGS_FILE, search as run
+    from .search.tune import SPACE_FILE, read_settings, search as run
 
     if args.resume is not None:
         if args.out is not None and Path(args.out).resolve() != Path(args.resume).resolve():
@@ -423,16 +468,13 @@ def search(args: argparse.Namespace) -> int:
         if not Path(args.resume).is_dir():
             raise AutopruneError(f"--resume {args.resume}: no such folder; give the --out of an earlier search")
         out = _writable(args.resume)
-        try:
-            settings = json.loads((out / SETTINGS_FILE).read_text())
-        except (OSError, ValueError):
-            raise AutopruneError(f"{args.resume} holds no search to resume (no readable {SETTINGS_FILE}); "
-                                 "start one with autoprune search --out DIR") from None
+        settings = read_settings(out)  # one line naming the key if search.json is damaged
+        load_space(out / SPACE_FILE)  # the recorded space, checked before any model or data is loaded
         recorded = settings.get("inputs") or {}  # empty if started from Python: give --checkpoint etc.
         for key in SEARCH_INPUTS:
             if key in recorded:
                 setattr(args, key, recorded[key])
-        args.seed, budget = settings.get("seed", args.seed), settings.get("budget")
+        args.seed, budget = settings["seed"], settings["budget"]
     else:
         if args.out is None:
             raise UsageError("give --out DIR for a new search, or --resume DIR to continue one")
@@ -485,18 +527,20 @@ def search(args: argparse.Namespace) -> int:
     arg("--no-progress", action="store_true", help="no progress bars"),
 )
 def compare(args: argparse.Namespace) -> int:
-    from .compare import compare as run, markdown, proxy_fidelity
+    from .compare import check_options, compare as run, markdown, proxy_fidelity
 
     if (args.flops is None) == (args.params is None):
         raise UsageError("give budgets with exactly one of --flops or --params (e.g. --flops 70% 50% 30%)")
     kind, values = ("flops", args.flops) if args.flops else ("params", args.params)
     budgets = [_checked_budget(f"{kind}<={v}") for v in values]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    criterion = _criterion(args.criterion)
+    check_options(methods, criterion, space=args.space if "search" in methods else None, what="--methods")
     out = _writable(args.out)
     model, bundle = _prune_inputs(args)
     extra = {"space": args.space, "trials": args.trials, "workers": args.workers} if "search" in methods else {}
     results = run(model, bundle, budgets, methods, args.seeds, finetune_epochs=args.epochs,
-                  criterion=_criterion(args.criterion), out=out, progress=not args.no_progress, **extra)
+                  criterion=criterion, out=out, progress=not args.no_progress, **extra)
     print(markdown(results["summary"]), end="")
     if args.fidelity:
         fid = proxy_fidelity(model, bundle, budgets[len(budgets) // 2], n=args.fidelity, space=args.space,

@@ -13,6 +13,7 @@ import csv
 import io
 import json
 import statistics
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
@@ -24,12 +25,37 @@ from . import evaluate
 from .budget import Budget
 from .checkpoint import atomic_write_text, write_json
 from .data import DataBundle
-from .prune import prune
+from .errors import AutopruneError, short
+from .prune import METHODS, check_options as check_prune_options, prune
 from .search.space import SearchSpace
 
 DEFAULT_METHODS = ("uniform", "greedy", "wsp", "tp_global", "search")
 FIELDS = ("budget", "method", "seed", "accuracy", "accuracy_adaptive_bn", "flops", "params",
           "flops_ratio", "latency_ms", "elapsed_s")
+
+
+def check_options(methods: Sequence[str], criterion: "str | dict | None" = None,
+                  space: "str | SearchSpace | None" = None, what: str = "methods") -> list[str]:
+    """The methods, after checking each (and the criterion for every width method, and the
+    search space when search is among them): AutopruneError naming the choices. Cheap, so
+    :func:`compare` and the CLI run it before any training, calibration or pruning."""
+    valid = (*METHODS, "search")
+    if isinstance(methods, str) or not methods:
+        raise AutopruneError(f"{what} must be a non-empty list of methods from {', '.join(valid)}, "
+                             f"got {short(methods)}")
+    methods = list(methods)
+    for method in methods:
+        if method not in valid:
+            raise AutopruneError(f"{what}: unknown method {short(method)}; choose from {', '.join(valid)}")
+        if methods.count(method) > 1:
+            raise AutopruneError(f"{what}: method {method!r} is given twice; give each method once")
+    for method in methods:
+        if method != "search":
+            check_prune_options(method, criterion)
+    if "search" in methods and space is not None and not isinstance(space, SearchSpace):
+        from .search import load
+        load(space)
+    return methods
 
 
 def compare(model: nn.Module, data: DataBundle, budgets: Sequence[str] = ("flops<=70%", "flops<=50%", "flops<=30%"),
@@ -39,7 +65,11 @@ def compare(model: nn.Module, data: DataBundle, budgets: Sequence[str] = ("flops
     """Run every method at every budget for every seed; write and return the results.
 
     ``prune_kw`` go to :func:`autoprune.prune` (e.g. ``space=``, ``trials=`` for search).
+    Every option is checked (:func:`check_options`, each budget parsed) before any run.
     """
+    methods = check_options(methods, criterion, prune_kw.get("space"))
+    for budget in budgets:
+        Budget.parse(budget)
     rows, widths = [], {}
     for budget in budgets:
         for method in methods:
@@ -72,15 +102,34 @@ def _run(model: nn.Module, data: DataBundle, budget: str, method: str, seed: int
     report.json, same method, seed and budget) is reused and an interrupted search in
     ``out`` is resumed, so an interrupted compare loses nothing."""
     if out is not None and (out / "report.json").is_file():
-        report = json.loads((out / "report.json").read_text())
-        if (report.get("method"), report.get("seed"), report["budget"].get("spec")) == \
-                (method, seed, str(Budget.parse(budget))):
+        report = _finished(out / "report.json", budget, method, seed)
+        if report is not None:
             return report
     if method == "search" and out is not None and (out / "tune").is_dir():
         from .search.tune import search
         keep = ("finetune_epochs", "lr", "distill", "calib_images", "bn_batches", "progress", "device")
         return search(model, data, out=out, resume=True, **{k: v for k, v in kw.items() if k in keep}).report
     return prune(model, data, budget, method=method, seed=seed, out=out, **kw).report
+
+
+def _finished(path: Path, budget: str, method: str, seed: int) -> dict | None:
+    """The report in ``path`` if it is a finished run of (budget, method, seed); None if it is
+    another run's, or unreadable (then one line says so on stderr, and the run is redone)."""
+    try:
+        report = json.loads(path.read_text())
+        row = _row(budget, method, seed, report)  # every field the results table reads...
+        if not all(isinstance(row[k], (int, float)) and not isinstance(row[k], bool) for k in FIELDS[3:]):
+            raise TypeError("a result is not a number")
+        if not all(isinstance(w, list) and len(w) == 2 and all(isinstance(n, int) for n in w) and w[1] > 0
+                   for w in report["widths"].values()):  # ...and the width plots
+            raise TypeError("widths are not [kept, width] pairs")
+        same = (report["method"], report["seed"], report["budget"]["spec"]) == \
+            (method, seed, str(Budget.parse(budget)))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError, ZeroDivisionError):
+        print(f"{Path(path.parent.parent.name, path.parent.name, path.name)} is unreadable; rerunning",
+              file=sys.stderr)
+        return None
+    return report if same else None
 
 
 def _slug(budget: str) -> str:

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from .errors import DataError
+from .errors import DataError, short
+from .limits import MAX_IMAGE_SIZE, check_fits
 
 DATASET_NAMES = ("digits", "synthetic", "cifar10", "cifar100", "imagefolder:PATH")
 
@@ -97,12 +98,14 @@ def load(
     else:
         key = text.lower()
     if key not in _LOADERS:
-        close = difflib.get_close_matches(key, [n.split(":")[0] for n in DATASET_NAMES], n=1)
+        close = difflib.get_close_matches(key[:100], [n.split(":")[0] for n in DATASET_NAMES], n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise DataError(f"unknown dataset {name!r}{hint}; valid names: {', '.join(DATASET_NAMES)}")
-    bad_size = isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1
+        raise DataError(f"unknown dataset {short(name)}{hint}; valid names: {', '.join(DATASET_NAMES)}")
+    bad_size = isinstance(image_size, bool) or not isinstance(image_size, int) \
+        or not 1 <= image_size <= MAX_IMAGE_SIZE
     if image_size is not None and bad_size:
-        raise DataError(f"image_size must be a positive integer or None, got {image_size!r}")
+        raise DataError(f"image_size must be an integer from 1 to {MAX_IMAGE_SIZE} (or None), "
+                        f"got {short(image_size)}")
     fn = _LOADERS[key]
     _check_kwargs(key, fn, kw)
     return fn(image_size=image_size, seed=int(seed), root=root, download=download, **kw)
@@ -222,6 +225,13 @@ def _sizes(train: Dataset, val: Dataset, test: Dataset) -> dict[str, int]:
     return {"train": len(train), "val": len(val), "test": len(test)}
 
 
+def _check_in_memory(name: str, n: int, channels: int, size: int) -> None:
+    """SizeError unless ``n`` float images of ``channels``x``size``x``size`` fit in memory
+    (three copies live at once while resizing and normalising)."""
+    check_fits(3 * 4 * n * channels * size * size, f"{name} at image size {size} ({n} images held in memory)",
+               "use a smaller --image-size")
+
+
 def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
     if x.shape[-1] == size and x.shape[-2] == size:
         return x
@@ -242,6 +252,7 @@ def _load_digits(
         raise DataError(f"digits: channels must be 1 or 3, got {channels!r}")
     size = 16 if image_size is None else image_size
     images, labels = load_digits(return_X_y=True)
+    _check_in_memory("digits", len(labels), channels, size)
     x = torch.from_numpy(images.astype(np.float32)).view(-1, 1, 8, 8)
     x = _resize(x, size).repeat(1, channels, 1, 1)
     y = torch.from_numpy(labels.astype(np.int64))
@@ -261,6 +272,7 @@ def _load_synthetic(
             f"num_classes={num_classes}, n_per_class={n_per_class}, channels={channels}, noise={noise}"
         )
     size = 16 if image_size is None else image_size
+    _check_in_memory("synthetic", num_classes * n_per_class, channels, size)
     gen = torch.Generator().manual_seed(seed)
     coarse = torch.randn(num_classes, channels, 4, 4, generator=gen)
     protos = _resize(coarse, size)

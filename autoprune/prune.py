@@ -11,7 +11,7 @@ import itertools
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
@@ -24,7 +24,7 @@ from .calibrate import calibrate
 from .criteria.base import Stats
 from .cost import fvcore_cost
 from .data import DataBundle, loader
-from .errors import AutopruneError
+from .errors import AutopruneError, CriterionError, short
 from .greedy import MaskedEvaluator, greedy_widths
 from .plan import Plan, select
 from .space import Space
@@ -44,24 +44,54 @@ class Result:
     report: dict
 
 
+DI_MIN_CALIB_IMAGES = 2
+"""DI compares classes (between-class scatter), so it needs calibration images of at least
+two classes: fewer than 2 images is refused up front; 2 or more that happen to hold one
+class only fail after calibration (CriterionError naming --calib-images)."""
+
+
 def check_options(method: str, criterion: "str | Mapping[str, float] | None" = None,
-                  clusters: str | None = None, greedy_mode: str = "criterion") -> dict[str, float]:
+                  clusters: str | None = None, greedy_mode: str = "criterion",
+                  calib_images: int = 512) -> dict[str, float]:
     """The criterion weights, after checking every option (AutopruneError naming the choices).
 
-    Cheap, so callers (the CLI) run it before any training or calibration.
+    ``criterion`` is a name, a mix ``"di:0.6,hpse:0.4"`` or ``{"di": 0.6, "hpse": 0.4}``
+    (:func:`autoprune.criteria.parse_mix`); only criteria prune can compute from
+    calibration alone are accepted (:func:`autoprune.criteria.standalone`). Cheap, so
+    callers (the CLI) run it before any training or calibration.
     """
-    if method not in METHODS:
-        raise AutopruneError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}"
+    if not isinstance(method, str) or method not in METHODS:
+        raise AutopruneError(f"unknown method {short(method)}; choose one of {', '.join(METHODS)}"
                              " (or search: autoprune search / method='search')")
     if clusters is not None and clusters not in CLUSTER_METHODS:
-        raise AutopruneError(f"unknown clusters {clusters!r}; choose one of {', '.join(CLUSTER_METHODS)}")
+        raise AutopruneError(f"unknown clusters {short(clusters)}; choose one of {', '.join(CLUSTER_METHODS)}")
     if greedy_mode not in GREEDY_MODES:
-        raise AutopruneError(f"unknown greedy mode {greedy_mode!r}; choose one of {', '.join(GREEDY_MODES)}")
-    criterion = criterion or ("wsp" if method == "wsp" else "di")
-    weights = {criterion: 1.0} if isinstance(criterion, str) else dict(criterion)
+        raise AutopruneError(f"unknown greedy mode {short(greedy_mode)}; choose one of {', '.join(GREEDY_MODES)}")
+    if isinstance(calib_images, bool) or not isinstance(calib_images, int) or calib_images < 1:
+        raise AutopruneError(f"calib_images must be a positive integer, got {short(calib_images)}")
+    weights = _criteria.parse_mix(criterion if criterion is not None else ("wsp" if method == "wsp" else "di"))
+    usable = _criteria.standalone()
     for name in weights:
-        _criteria.get(name)
+        if name not in usable:
+            needs = ", ".join(getattr(_criteria.get(name), "requires", ()))
+            raise CriterionError(f"criterion {name!r} needs inputs prune does not compute yet ({needs}); "
+                                 f"use one of {', '.join(usable)}")
+    label_based = sorted(n for n in weights if n in ("di", "di_fullmap"))  # weight 0 is calibrated too
+    if label_based and calib_images < DI_MIN_CALIB_IMAGES:
+        raise CriterionError(f"--calib-images {calib_images} is too few for criterion {label_based[0]}, which "
+                             f"compares classes: use at least {DI_MIN_CALIB_IMAGES} (default 512)")
     return weights
+
+
+def check_fits(model: nn.Module, data: DataBundle, device: torch.device | str | None = None,
+               batch_size: int = 64) -> None:
+    """SizeError unless calibrating and fine-tuning ``model`` on batches of ``data`` (64
+    images, with gradients) fits in the memory free on ``device``; run before any work."""
+    from .limits import check_forward
+    arch = getattr(model, "autoprune_arch", None)
+    name = arch.get("name", type(model).__name__) if isinstance(arch, dict) else type(model).__name__
+    check_forward(model, data.input_shape, name, batch_size=batch_size, training=True,
+                  device=device or evaluate.default_device(), hint="use a smaller --image-size")
 
 
 def _calibration_specs(weights: Mapping[str, float], clusters: str | None, num_classes: int) -> list:
@@ -133,12 +163,13 @@ def prune(model: nn.Module, data: DataBundle, budget: "str | Budget" = "flops<=5
                       finetune_epochs=finetune_epochs, lr=lr, distill=distill, seed=seed,
                       calib_images=calib_images, bn_batches=bn_batches, progress=progress, device=device)
     start = time.time()
-    weights = check_options(method, criterion, clusters, greedy_mode)
+    weights = check_options(method, criterion, clusters, greedy_mode, calib_images)
+    budget = Budget.parse(budget)
     torch.manual_seed(seed)
     device = torch.device(device) if device else evaluate.default_device()
+    check_fits(model, data, device)
     model = model.to(device).eval()
     space = Space(model, torch.zeros(1, *data.input_shape, device=device))
-    budget = Budget.parse(budget)
     budget.target(space)
     if method == "tp_global":  # Torch-Pruning's own global magnitude choice, no calibration
         plan, trajectory = tp_global_plan(space, budget), []
@@ -214,12 +245,26 @@ def _measure(model: nn.Module, data: DataBundle, shape: tuple, device) -> dict:
             "latency_ms": lat["median_ms"], "latency": lat}
 
 
-def write_outputs(out: Path, plan: Plan, small: nn.Module, report: dict) -> None:
-    """model.pt, plan.json, report.json and widths.png into ``out``, each written atomically."""
-    from .checkpoint import atomic_write_text, write_json
+def write_outputs(out: Path, plan: Plan, small: nn.Module, report: dict,
+                  extra: Mapping[str, Callable[[Path], object]] | None = None):
+    """model.pt, plan.json, report.json, widths.png and ``extra`` into ``out`` as one set.
+
+    ``extra`` maps more file names to functions writing that file to the path they are
+    given (the search's plots and trials.json). The set replaces the previous one in
+    ``out`` as a whole, with ``out/manifest.json`` written last
+    (:func:`~autoprune.checkpoint.output_set`). Returns the committed
+    :class:`~autoprune.checkpoint.OutputSet` (``.replaced``: when the model it replaced
+    had been written, or None).
+    """
+    from .checkpoint import output_set, write_json
     from .report import plot_widths
-    out.mkdir(parents=True, exist_ok=True)
-    plan.save(out / "model.pt", small)
-    atomic_write_text(out / "plan.json", plan.to_json())
-    write_json(out / "report.json", report)
-    plot_widths(report["widths"], out / "widths.png", title=f"{report['method']} @ {report['budget']['spec']}")
+    extra = dict(extra or {})
+    with output_set(out, ["model.pt", "plan.json", "report.json", "widths.png", *extra]) as files:
+        plan.save(files.path("model.pt"), small)
+        files.path("plan.json").write_text(plan.to_json())
+        write_json(files.path("report.json"), report)
+        plot_widths(report["widths"], files.path("widths.png"),
+                    title=f"{report['method']} @ {report['budget']['spec']}")
+        for name, write in extra.items():
+            write(files.path(name))
+    return files

@@ -135,6 +135,8 @@ def build_graph(model: nn.Module, example_input: torch.Tensor | tuple) -> tp.Dep
             graph = tp.DependencyGraph().build_dependency(
                 model, example_inputs=_as_input_tuple(example_input), verbose=False)
     except Exception as exc:  # noqa: BLE001 - re-raised with the model and module named
+        if _interrupted(exc):  # Ctrl-C in the first forward; Torch-Pruning's retry hid it
+            raise KeyboardInterrupt from None
         stack, cause = failed or running, exc
         while failed and cause.__context__ is not None:  # the first attempt's error, not the retry's
             cause = cause.__context__
@@ -149,6 +151,21 @@ def build_graph(model: nn.Module, example_input: torch.Tensor | tuple) -> tp.Dep
             h.remove()
     graph.leaf_outputs = leaf_outputs
     return graph
+
+
+def _interrupted(exc: BaseException) -> bool:
+    """Whether a KeyboardInterrupt is anywhere in ``exc``'s chain (``__cause__``/``__context__``)."""
+    seen: set[int] = set()
+    stack = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        seen.add(id(e))
+        stack += [e.__cause__, e.__context__]
+    return False
 
 
 class Space:

@@ -25,6 +25,10 @@ class TrainingError(AutopruneError, RuntimeError):
     """Training diverged (non-finite loss), usually because the learning rate is too high."""
 
 
+MAX_LR = 1000.0
+"""The largest learning rate accepted; far larger ones overflow float32 in the optimizer step."""
+
+
 def default_device() -> torch.device:
     """CUDA when available, else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -85,8 +89,8 @@ def fit(model: nn.Module, data: DataBundle, epochs: int, loss_fn: LossFn, lr: fl
         batch_size: int = 64, weight_decay: float = 5e-4, momentum: float = 0.9, seed: int = 0,
         device: torch.device | str | None = None, progress: bool = True) -> dict:
     """Epochs of :func:`sgd` minimising ``loss_fn(model, images, labels)``; history as :func:`train`."""
-    if epochs < 1 or batch_size < 1 or lr <= 0:
-        raise ValueError(f"need epochs >= 1, batch_size >= 1 and lr > 0, got "
+    if epochs < 1 or batch_size < 1 or not 0 < lr <= MAX_LR:
+        raise ValueError(f"need epochs >= 1, batch_size >= 1 and 0 < lr <= {MAX_LR:g}, got "
                          f"epochs={epochs}, batch_size={batch_size}, lr={lr}")
     torch.manual_seed(seed)
     device = torch.device(device) if device is not None else default_device()

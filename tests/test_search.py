@@ -120,19 +120,19 @@ def test_searcher_tells_optuna_only_final_scores():
         trial.suggest_float("x", 0, 1)
 
     searcher = st.OptunaSearcher(space=define, metric="proxy_score",
-                                 mode="max", sampler=optuna.samplers.RandomSampler(seed=0))
+                                 mode="max", sampler=optuna.samplers.RandomSampler, seed=0)
     configs = {tid: searcher.suggest(tid) for tid in ("a", "b", "c")}
     assert [configs[t]["_number"] for t in "abc"] == [0, 1, 2]
     searcher.on_trial_result("a", {"proxy_score": 0.9, "training_iteration": 1})
     searcher.on_trial_complete("a", {"proxy_score": 0.9, "final": False})  # stopped by ASHA
     searcher.on_trial_complete("b", {"proxy_score": st.PENALTY, "final": True, "diverged": True})
     searcher.on_trial_complete("c", {"proxy_score": 0.4, "final": True})
-    trials = searcher._ot_study.trials
+    trials = searcher.study.trials
     State = optuna.trial.TrialState
     assert [t.state for t in trials] == [State.PRUNED, State.COMPLETE, State.COMPLETE]
     assert trials[0].intermediate_values == {1: 0.9}  # Optuna keeps it as a pruned (partial) score
     assert trials[1].value == st.PENALTY and trials[1].user_attrs == {"diverged": True}
-    assert searcher._ot_study.best_trial.number == 2  # 0.4 final beats the truncated 0.9
+    assert searcher.study.best_trial.number == 2  # 0.4 final beats the truncated 0.9
 
 
 def _define_x(trial):
@@ -144,14 +144,14 @@ def _searcher(max_trials=None, points=()):
 
     return st.OptunaSearcher(space=_define_x, metric="proxy_score", mode="max", max_trials=max_trials,
                              points_to_evaluate=[dict(p) for p in points],
-                             sampler=optuna.samplers.RandomSampler(seed=0))
+                             sampler=optuna.samplers.RandomSampler, seed=0)
 
 
 def _snapshot(searcher, done=(), running=()):
     """Tune's view of trials: id -> config/status/last_result, as Tune's experiment state holds."""
     out = {}
     for tid in (*done, *running):
-        config = {"x": searcher._ot_trials[tid].params["x"], "_number": searcher._ot_trials[tid].number}
+        config = {"x": searcher.trial(tid).params["x"], "_number": searcher.trial(tid).number}
         out[tid] = {"config": config, "status": "TERMINATED" if tid in done else "RUNNING",
                     "last_result": {"proxy_score": 0.5, "final": True} if tid in done else {}}
     return out
@@ -180,21 +180,21 @@ def test_reconcile_adopts_trials_a_stale_searcher_missed(tmp_path):
     fresh = _searcher(max_trials=5)
     fresh.restore(str(tmp_path / "stale.pkl"))
     fresh.reconcile(tune_view)
-    trials = {t: fresh._ot_trials[t] for t in "abcd"}
+    trials = {t: fresh.trial(t) for t in "abcd"}
     assert {t: ot.number for t, ot in trials.items()} == {"a": 0, "b": 1, "c": 2, "d": 3}
     assert all(trials[t].params["x"] == tune_view[t]["config"]["x"] for t in "abcd")
     State = optuna.trial.TrialState
-    states = {t.number: t.state for t in fresh._ot_study.trials}
+    states = {t.number: t.state for t in fresh.study.trials}
     assert states == {0: State.COMPLETE, 1: State.RUNNING, 2: State.COMPLETE, 3: State.RUNNING}
     assert fresh.suggest("e")["_number"] == 4 and fresh.suggest("f") == "FINISHED"
-    assert pickle.loads(pickle.dumps(fresh._ot_study.trials[2].params)) == trials["c"].params
+    assert pickle.loads(pickle.dumps(fresh.study.trials[2].params)) == trials["c"].params
 
 
 def test_reconcile_hands_out_trials_tune_never_recorded(tmp_path):
     ahead = _searcher(max_trials=4)
     for t in "abc":
         ahead.suggest(t)
-    x_c = ahead._ot_trials["c"].params["x"]
+    x_c = ahead.trial("c").params["x"]
     tune_view = _snapshot(ahead, running="ab")  # Tune's snapshot predates trial c
     ahead.save(str(tmp_path / "ahead.pkl"))
     fresh = _searcher(max_trials=4)
@@ -431,8 +431,22 @@ def test_ctrl_c_stops_with_one_line_and_resumes(tiny, trained, tmp_path):
     last = (tmp_path / "driver.log").read_text().strip().splitlines()[-1]
     assert last.startswith("autoprune: interrupted: search stopped after ") and f"--resume {out}" in last
     assert not (out / "report.json").exists() and not (out / "model.pt").exists()
-    rows = _resume(out, env)["trials"]
+    # Tune writes its experiment state non-atomically: tear the newest one, as a driver killed
+    # mid-write would, and the resume must still lose and repeat nothing (one run, two checks:
+    # the plain resume path is the killed-driver test's).
+    done_before = _finished(out)
+    newest = sorted((out / "tune").glob("experiment_state-*.json"))[-1]
+    text = newest.read_text()
+    newest.write_text(text[: len(text) // 2])
+    resumed = subprocess.run([sys.executable, "-m", "autoprune.cli", "search", "--resume", str(out),
+                              "--no-progress"], env=env, capture_output=True, text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "truncated or unreadable" in resumed.stderr and "searcher's own record" in resumed.stderr
+    rows = json.loads((out / "report.json").read_text())["trials"]
     assert sorted(r["number"] for r in rows) == list(range(8)) and all(r["state"] == "COMPLETE" for r in rows)
+    assert [r.get("seed_of") for r in rows[:2]] == ["uniform", "greedy"]
+    assert len({json.dumps(r["config"], sort_keys=True) for r in rows}) == 8
+    assert sum(r["replayed"] for r in rows) >= done_before  # finished before: replayed, not rerun
 
 
 @pytest.mark.slow

@@ -3,17 +3,20 @@
 >>> stats = autoprune.calibrate(space, model, batches, criteria=["di", "hrank"])
 >>> scores = autoprune.criteria.score("di", space, stats)      # {unit: Tensor[width]}
 >>> mixed = autoprune.criteria.mix({"di": 0.6, "hrank": 0.4}, {"di": s1, "hrank": s2})
+>>> autoprune.criteria.parse_mix("di:0.6,hrank:0.4")              # {"di": 0.6, "hrank": 0.4}
 """
 
 from __future__ import annotations
 
 import difflib
 import importlib
+import math
 import pkgutil
 from typing import Mapping
 
 import torch
 
+from ..errors import CriterionError, short
 from .base import Batch, Criterion, Stats
 
 _REGISTRY: dict[str, type[Criterion]] = {}
@@ -39,15 +42,77 @@ def available() -> list[str]:
     return sorted(_discover())
 
 
+def standalone() -> list[str]:
+    """Criteria scored from calibration summaries alone (``Criterion.requires`` empty), so
+    :func:`autoprune.prune` can compute them; the others (``fpar``: its attention) need
+    inputs passed to :func:`score` by the caller."""
+    return [n for n in available() if not getattr(_discover()[n], "requires", ())]
+
+
 def get(name: str, **params) -> Criterion:
     """A configured instance of criterion ``name``."""
     registry = _discover()
-    if name not in registry:
-        from ..errors import AutopruneError
-        near = difflib.get_close_matches(name, registry, n=3)
+    if not isinstance(name, str) or name not in registry:
+        near = difflib.get_close_matches(name[:100], registry, n=3) if isinstance(name, str) else []
         hint = f"; did you mean {', '.join(near)}?" if near else ""
-        raise AutopruneError(f"unknown criterion {name!r}{hint} (available: {', '.join(available())})")
+        raise CriterionError(f"unknown criterion {short(name)}{hint} (available: {', '.join(available())})")
     return registry[name](**params)
+
+
+def parse_mix(spec: "str | Mapping[str, float]") -> dict[str, float]:
+    """Criterion weights from ``"di"``, ``"di:0.6,hpse:0.4"`` or ``{"di": 0.6, "hpse": 0.4}``.
+
+    A bare name weighs 1. CriterionError (one line, naming the rule) for an unknown name, a
+    name given twice, or weights breaking :func:`check_weights`.
+    """
+    if isinstance(spec, Mapping):
+        weights = dict(spec)
+    elif isinstance(spec, str):
+        text = spec.strip()
+        if ":" not in text and "," not in text:
+            weights = {text: 1.0}
+        else:
+            weights = {}
+            for part in text.split(","):
+                name, colon, w = (p.strip() for p in part.partition(":"))
+                if not colon or not name:
+                    raise CriterionError(f"criterion mix {short(spec)}: part {short(part.strip())} is not "
+                                         "NAME:WEIGHT; write NAME or NAME:WEIGHT,NAME:WEIGHT (e.g. di:0.6,hpse:0.4)")
+                if name in weights:
+                    raise CriterionError(f"criterion mix {short(spec)} names {short(name)} twice; "
+                                         "give each criterion once")
+                try:
+                    weights[name] = float(w)
+                except ValueError:
+                    raise CriterionError(f"criterion mix {short(spec)}: weight {short(w)} of {short(name)} is "
+                                         "not a number; write NAME:WEIGHT,NAME:WEIGHT (e.g. di:0.6,hpse:0.4)") from None
+    else:
+        raise CriterionError(f"criterion must be a name, 'NAME:WEIGHT,...' or a dict of weights, "
+                             f"got {short(spec)}")
+    for name in weights:
+        get(name)
+    return check_weights(weights, spec)
+
+
+def check_weights(weights: Mapping[str, float], spec: object = None) -> dict[str, float]:
+    """``weights`` as floats, if every one is finite and >= 0 and at least one is > 0."""
+    what = f"criterion mix {short(spec if spec is not None else dict(weights))}"
+    if not weights:
+        raise CriterionError(f"{what} is empty; give at least one criterion (e.g. di or di:0.6,hpse:0.4)")
+    out = {}
+    for name, w in weights.items():
+        ok = isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w >= 0
+        if not ok:
+            raise CriterionError(f"{what}: weight of {short(name)} is {short(w)}; weights must be finite "
+                                 "numbers >= 0 with at least one above 0")
+        out[name] = float(w)
+    if not any(w > 0 for w in out.values()):
+        raise CriterionError(f"{what}: every weight is 0; weights must be finite numbers >= 0 with at "
+                             "least one above 0")
+    if not math.isfinite(sum(out.values())):
+        raise CriterionError(f"{what}: the weights sum to infinity; use smaller weights (only their "
+                             "ratios matter)")
+    return out
 
 
 def score(name: str, space, stats: Stats | None = None, **params) -> dict[str, torch.Tensor]:
@@ -71,15 +136,19 @@ def rank_normalise(scores: torch.Tensor) -> torch.Tensor:
 
 
 def mix(weights: Mapping[str, float], scores: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Weighted sum of per-unit rank-normalised scores of several criteria."""
-    if not weights or min(weights.values()) < 0 or sum(weights.values()) <= 0:
-        raise ValueError(f"mix weights must be non-negative and not all zero, got {dict(weights)}")
+    """Weighted sum of per-unit rank-normalised scores of several criteria.
+
+    ``weights`` follow :func:`check_weights` (CriterionError otherwise).
+    """
+    weights = check_weights(weights)
     missing = set(weights) - set(scores)
     if missing:
-        raise KeyError(f"mix needs scores for {sorted(missing)}")
+        raise CriterionError(f"mix needs scores for {short(sorted(missing))}; got scores for "
+                             f"{short(sorted(scores))}")
     units = scores[next(iter(weights))].keys()
     return {u: sum(w * rank_normalise(scores[c][u]) for c, w in weights.items() if w > 0)
             for u in units}
 
 
-__all__ = ["Batch", "Criterion", "Stats", "available", "get", "mix", "rank_normalise", "score"]
+__all__ = ["Batch", "Criterion", "Stats", "available", "check_weights", "get", "mix", "parse_mix",
+           "rank_normalise", "score", "standalone"]

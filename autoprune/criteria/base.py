@@ -45,6 +45,9 @@ class Criterion:
     tap: ClassVar[str | None] = None
     needs_grad: ClassVar[bool] = False
     extra_taps: ClassVar[tuple[str, ...]] = ()
+    requires: ClassVar[tuple[str, ...]] = ()
+    """Params ``score`` cannot do without that calibration does not produce (fpar: its
+    ``attention``); :func:`autoprune.prune` cannot compute such criteria."""
 
     def __init__(self, **params) -> None:
         self.params = params

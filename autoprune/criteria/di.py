@@ -27,6 +27,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..errors import CriterionError
 from .base import Batch, Criterion
 
 DEFAULT_RHO_REL = 1e-3
@@ -93,8 +94,9 @@ def scatter_from_summary(state: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
         raise ValueError("DI saw no calibration samples")
     if int(present.sum()) < 2:
         seen = torch.nonzero(present).flatten().tolist()
-        raise ValueError(f"DI needs ≥2 classes in the calibration data; got {len(seen)} "
-                         f"(class {seen}): use (shuffled) data from several classes")
+        raise CriterionError(f"DI needs ≥2 classes in the calibration data; got {len(seen)} "
+                             f"(class {seen}): use more (shuffled) calibration images, from several "
+                             "classes (--calib-images)")
     mu = sums.sum(0) / n
     total = second - n * torch.outer(mu, mu)
     total = (total + total.T) / 2  # exact symmetry despite rounding
@@ -272,7 +274,7 @@ class DI(Criterion):
             try:
                 total, between = scatter_from_summary(per_unit[unit.name])
             except ValueError as exc:
-                raise ValueError(f"di: unit {unit.name}: {exc}") from None
+                raise type(exc)(f"di: unit {unit.name}: {exc}") from None
             rho = self.params.get("rho")
             if rho is None:
                 rho = default_rho(total, float(self.params.get("rho_rel", DEFAULT_RHO_REL)))
@@ -321,9 +323,10 @@ class DIFullMap(Criterion):
             if int(state["batches"]) == 0:
                 raise ValueError(f"di_fullmap: unit {unit.name}: saw no calibration batches")
             if int(state["informative"]) == 0:
-                raise ValueError(f"di_fullmap: unit {unit.name}: DI needs ≥2 classes in the "
-                                 f"calibration data, and every one of {int(state['batches'])} "
-                                 "batches held a single class (shuffle the calibration data)")
+                raise CriterionError(f"di_fullmap: unit {unit.name}: DI needs ≥2 classes in the "
+                                     f"calibration data, and every one of {int(state['batches'])} "
+                                     "batches held a single class (shuffle the calibration data, or "
+                                     "use more images: --calib-images)")
             out[unit.name] = state["grad"].clone()
         return out
 

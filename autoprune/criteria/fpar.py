@@ -315,6 +315,7 @@ class FPAR(RankState, Criterion):
 
     name = "fpar"
     tap = "post"
+    requires = ("attention",)
 
     def score(self, space, stats):
         att = self.params.get("attention")

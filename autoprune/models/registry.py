@@ -15,9 +15,11 @@ import re
 from functools import lru_cache
 from typing import Any, Callable
 
+import torch
 from torch import nn
 
-from ..errors import ModelError
+from ..errors import ModelError, short
+from ..limits import MAX_CLASSES, check_fits
 from . import cifar
 
 TORCHVISION_PREFIX = "torchvision/"
@@ -57,17 +59,38 @@ def create(name: str, num_classes: int = 10, **kwargs: Any) -> nn.Module:
     kwargs = _merge_nested_kwargs(name, kwargs)
     _check_num_classes(name, num_classes)
     _check_json(name, kwargs)
-    key = str(name).strip().lower()
+    if not isinstance(name, str):
+        raise ModelError(f"model name must be a string, got {short(name)}")
+    key = name.strip().lower()
     if key in CIFAR_MODELS:
-        model, used = _create_cifar(key, num_classes, kwargs)
+        build = lambda: _create_cifar(key, num_classes, kwargs)  # noqa: E731
     elif key.startswith(TORCHVISION_PREFIX) and key[len(TORCHVISION_PREFIX):] in _torchvision_names():
-        model, used = _create_torchvision(key[len(TORCHVISION_PREFIX):], num_classes, kwargs)
+        build = lambda: _create_torchvision(key[len(TORCHVISION_PREFIX):], num_classes, kwargs)  # noqa: E731
     elif key in _torchvision_names():
-        model, used = _create_torchvision(key, num_classes, kwargs)
+        build = lambda: _create_torchvision(key, num_classes, kwargs)  # noqa: E731
     else:
-        raise ModelError(_unknown_message(str(name)))
+        raise ModelError(_unknown_message(name))
+    if kwargs:  # default architectures are bounded by the num_classes cap; arguments may not be
+        _check_size(key, num_classes, kwargs, build)
+    model, used = build()
     model.autoprune_arch = {"name": key, "num_classes": num_classes, "kwargs": used}
     return model
+
+
+def _check_size(name: str, num_classes: int, kwargs: dict, build) -> None:
+    """Build on the ``meta`` device (no memory, no init cost) and refuse parameters that
+    cannot fit in the memory free now, before the real build tries to allocate them."""
+    try:
+        with torch.device("meta"):
+            probe, _ = build()
+    except ModelError:
+        raise
+    except Exception:  # noqa: BLE001 - a builder that cannot run on meta: no estimate
+        return
+    count = sum(t.numel() for t in [*probe.parameters(), *probe.buffers()])
+    args = f"num_classes={num_classes}" + (f", {short(kwargs)}" if kwargs else "")
+    check_fits(4 * count, f"model {name!r} ({args}) with {count:,} parameters",
+               "use fewer classes or smaller model arguments")
 
 
 def arch_of(model: nn.Module) -> dict[str, Any]:
@@ -88,31 +111,32 @@ def _merge_nested_kwargs(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     if nested is None:
         return kwargs
     if not isinstance(nested, dict):
-        raise ModelError(f"model {name!r}: 'kwargs' must be a dict of model arguments, got {nested!r}")
+        raise ModelError(f"model {short(name)}: 'kwargs' must be a dict of model arguments, got {short(nested)}")
     clash = sorted(set(nested) & set(kwargs))
     if clash:
-        raise ModelError(f"model {name!r}: arguments {clash} given both directly and in 'kwargs'")
+        raise ModelError(f"model {short(name)}: arguments {short(clash)} given both directly and in 'kwargs'")
     return {**nested, **kwargs}
 
 
 def _check_num_classes(name: str, num_classes: Any) -> None:
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ModelError(f"model {name!r}: num_classes must be a positive integer, got {num_classes!r}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or not 1 <= num_classes <= MAX_CLASSES:
+        raise ModelError(f"model {short(name)}: num_classes must be an integer from 1 to {MAX_CLASSES}, "
+                         f"got {short(num_classes)}")
 
 
 def _check_json(name: str, kwargs: dict[str, Any]) -> None:
     """Model kwargs end up in checkpoints and reports, so they must be plain JSON."""
     if "weights" in kwargs:
         raise ModelError(
-            f"model {name!r}: 'weights' is not supported; autoprune creates randomly initialised "
+            f"model {short(name)}: 'weights' is not supported; autoprune creates randomly initialised "
             "models and never downloads weights (load a checkpoint instead)"
         )
     try:
         json.dumps(kwargs)
     except (TypeError, ValueError) as exc:
         raise ModelError(
-            f"model {name!r}: keyword arguments must be JSON-serialisable (numbers, strings, "
-            f"lists, dicts), got {kwargs!r} ({exc})"
+            f"model {short(name)}: keyword arguments must be JSON-serialisable (numbers, strings, "
+            f"lists, dicts), got {short(kwargs)} ({exc})"
         ) from None
 
 
@@ -124,13 +148,13 @@ def _create_cifar(name: str, num_classes: int, kwargs: dict[str, Any]) -> tuple[
             close = difflib.get_close_matches(key, valid, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ModelError(
-                f"model {name!r} has no argument {key!r}{hint}; valid arguments: "
+                f"model {name!r} has no argument {short(key)}{hint}; valid arguments: "
                 f"num_classes, {', '.join(valid)}"
             )
     try:
         return builder(num_classes=num_classes, **kwargs), dict(kwargs)
     except (TypeError, ValueError) as exc:
-        raise ModelError(f"model {name!r}: invalid arguments {kwargs!r}: {exc}") from None
+        raise ModelError(f"model {name!r}: invalid arguments {short(kwargs)}: {short(str(exc), 200)}") from None
 
 
 def _create_torchvision(name: str, num_classes: int, kwargs: dict[str, Any]) -> tuple[nn.Module, dict]:
@@ -141,21 +165,22 @@ def _create_torchvision(name: str, num_classes: int, kwargs: dict[str, Any]) -> 
         model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **used)
     except TypeError as exc:
         bad = re.search(r"unexpected keyword argument '(\w+)'", str(exc))
-        what = f"argument {bad.group(1)!r}" if bad else f"arguments {kwargs!r}"
+        what = f"argument {short(bad.group(1))}" if bad else f"arguments {short(kwargs)}"
         raise ModelError(
-            f"torchvision model {name!r} does not accept {what} ({exc}); "
+            f"torchvision model {name!r} does not accept {what} ({short(str(exc), 200)}); "
             f"see torchvision.models.{name} for its arguments"
         ) from None
     except ValueError as exc:
-        raise ModelError(f"torchvision model {name!r}: invalid arguments {kwargs!r}: {exc}") from None
+        raise ModelError(f"torchvision model {name!r}: invalid arguments {short(kwargs)}: "
+                         f"{short(str(exc), 200)}") from None
     return model, used
 
 
 def _unknown_message(name: str) -> str:
     candidates = available() + [TORCHVISION_PREFIX + n for n in _torchvision_names()]
-    close = difflib.get_close_matches(name.strip().lower(), candidates, n=5, cutoff=0.5)
+    close = difflib.get_close_matches(name[:100].strip().lower(), candidates, n=5, cutoff=0.5)
     suggestion = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     return (
-        f"unknown model {name!r}{suggestion} "
+        f"unknown model {short(name)}{suggestion} "
         "(call autoprune.models.available() for the full list of names)"
     )

@@ -22,9 +22,10 @@ One search, step by step:
    physically, optionally self-groups, re-estimates BN (adaptive BN), proxy
    fine-tunes and scores accuracy on the first ``eval_batches`` validation batches.
    It reports ``proxy_score``, ``flops``, ``params`` and its node id.
-4. **Sampler.** :class:`OptunaSearcher` (Ray's ``OptunaSearch`` with the YAML's
-   sampler) tells Optuna only *final* scores: a trial that ASHA stopped early is told
-   as PRUNED, never as if its truncated score were final. A trial whose proxy
+4. **Sampler.** :class:`OptunaSearcher` (a Ray Tune ``Searcher`` driving an Optuna study
+   with the YAML's sampler through ``ask``/``tell``) tells Optuna only *final* scores:
+   a trial that ASHA stopped early is told as PRUNED, never as if its truncated score
+   were final. A trial whose proxy
    fine-tune diverges (non-finite loss, :class:`~autoprune.evaluate.Diverged`)
    reports the finite :data:`PENALTY` and is marked ``FAIL``; a crashed worker is
    retried (``FailureConfig(max_failures=...)``) and marked ``ERROR`` only when the
@@ -49,12 +50,19 @@ trials finished in the last snapshot are kept as they are; trials that were runn
 (or finished after it) run again under the same id and config, and a trial whose final
 result did reach ``OUT`` reports it again instead of recomputing; new trials are drawn
 only until the requested count is reached, so none is lost, counted twice or added.
+Tune writes its state files in place, so a driver killed at the wrong moment can leave
+the newest one torn: it is then moved aside (``.unusable``, said in a warning) and the
+search continues in a new Tune experiment in ``OUT/tune`` whose searcher starts from its
+own saved record, handing out every trial again under its number and params (finished
+ones report their saved result again). Only a real Ctrl-C ends a search early with
+KeyboardInterrupt; Tune ending early otherwise is an AutopruneError.
 
 With objective ``accuracy_flops`` ASHA still ranks trials by proxy score alone, so it
 stops the smaller structures first and thins out the Pareto front (a warning says so).
 
-Ray: by default autoprune starts a local Ray (dashboard off, bound to 127.0.0.1,
-``RAY_AUTH_MODE=disabled`` unless set) and stops it at the end. ``address=`` /
+Ray: by default autoprune starts a local Ray of its own (``ray.init(address="local")``,
+even if another Ray runs on the machine or ``RAY_ADDRESS`` is set; dashboard off, bound
+to 127.0.0.1, ``RAY_AUTH_MODE=disabled`` unless set) and stops it at the end. ``address=`` /
 ``--address`` joins an existing cluster instead and leaves it running. A cluster
 with token authentication::
 
@@ -100,14 +108,14 @@ from .. import evaluate, grouping
 from ..budget import TOLERANCE, Budget
 from ..criteria import mix as _mix
 from ..data import DataBundle
-from ..errors import AutopruneError
+from ..errors import AutopruneError, short
 from ..plan import Plan, select
 from ..space import Space
 from .space import Candidate, SearchSpace, load
 
 __all__ = ["PENALTY", "STATES", "OptunaSearcher", "Shared", "best_trial", "evaluate_candidate",
-           "driver_state", "importances", "mark_seeds", "pareto_front", "rebuild_study", "rungs", "search",
-           "trial_fields", "trial_row", "trials_table"]
+           "driver_state", "importances", "mark_seeds", "pareto_front", "read_settings", "rebuild_study",
+           "rungs", "search", "trial_fields", "trial_row", "trials_table"]
 
 PENALTY = -1.0
 """``proxy_score`` a diverged trial reports: finite (samplers and Tune handle it) and below
@@ -120,6 +128,8 @@ after every retry), INCOMPLETE (never finished)."""
 
 DEFAULT_SPACE = "resnet_cifar"
 TUNE_DIR = "tune"              # the Tune experiment, under --out
+TUNE_STATE_GLOB = "experiment_state-*.json"  # Tune's trial snapshots in TUNE_DIR, one per session
+SEARCHER_STATE_GLOB = "searcher-state-*.pkl"  # OptunaSearcher.save's files in TUNE_DIR, one per session
 SETTINGS_FILE = "search.json"  # what --resume needs to rebuild the driver side
 SPACE_FILE = "space.yaml"      # the validated search space, so a resume does not depend on the original file
 TRIALS_FILE = "trials.json"    # the trials table, written before the final fine-tune
@@ -146,7 +156,7 @@ class Shared:
     model: nn.Module
     space: Space
     spec: SearchSpace
-    budget: str
+    budget: "Budget | str"
     scores: dict[str, dict[str, torch.Tensor]]
     labels: dict[int | None, dict[str, np.ndarray]] | None
     data: DataBundle
@@ -339,11 +349,8 @@ def _trial_dirname(trial) -> str:
     return f"trial_{trial.trial_id}"
 
 
-def _finished_result(experiment_dir: str | None, trial_id: str) -> dict | None:
-    """The final result this trial already reported (in its result.json), if any."""
-    if not experiment_dir:
-        return None
-    path = Path(experiment_dir) / f"trial_{trial_id}" / "result.json"
+def _final_row(path: Path) -> dict | None:
+    """The last final result in a trial's result.json (torn lines skipped), or None."""
     try:
         lines = path.read_text().splitlines()
     except OSError:
@@ -353,9 +360,31 @@ def _finished_result(experiment_dir: str | None, trial_id: str) -> dict | None:
             row = json.loads(line)
         except ValueError:
             continue
-        if row.get("final"):
-            return {k: row[k] for k in METRIC_KEYS if k in row}
+        if isinstance(row, dict) and row.get("final"):
+            return row
     return None
+
+
+def _finished_result(experiment_dir: str | None, trial_id: str, config: Mapping | None = None) -> dict | None:
+    """The final result this trial already reported (in its result.json), if any.
+
+    With ``config`` (which holds ``_number``), also the final result another trial
+    directory holds for the same number and params: a trial handed out again under a new
+    Tune id (an orphan, or every trial after a restart from the searcher's own state).
+    """
+    if not experiment_dir:
+        return None
+    own = Path(experiment_dir) / f"trial_{trial_id}" / "result.json"
+    row = _final_row(own)
+    number = (config or {}).get(NUMBER_KEY)
+    if row is None and number is not None:
+        for path in sorted(Path(experiment_dir).glob("trial_*/result.json")):
+            other = _final_row(path) if path != own else None
+            cfg = other.get("config") if other else None
+            if isinstance(cfg, Mapping) and cfg.get(NUMBER_KEY) == number and _flat(cfg) == _flat(config):
+                row = other
+                break
+    return None if row is None else {k: row[k] for k in METRIC_KEYS if k in row}
 
 
 def _trainable(config: dict, shared: Shared | None = None) -> None:
@@ -366,20 +395,17 @@ def _trainable(config: dict, shared: Shared | None = None) -> None:
     torch.set_num_threads(max(1, int(shared.threads)))
     node = ray.get_runtime_context().get_node_id()
     number = config.get(NUMBER_KEY)
-    done = _finished_result(shared.experiment_dir, tune.get_context().get_trial_id())
+    done = _finished_result(shared.experiment_dir, tune.get_context().get_trial_id(), config)
     if done is not None:  # finished before the driver died, after Tune's last snapshot
         tune.report({**done, "replayed": True})
         return
     evaluate_candidate(shared, config, report=lambda m: tune.report({**m, "node": node, "number": number}))
 
 
-def _tune_snapshot(directory: Path) -> dict[str, dict] | None:
-    """Tune's newest trial snapshot in ``directory``: trial id → {config, status, last_result}."""
-    paths = sorted(directory.glob("experiment_state-*.json"))
-    if not paths:
-        return None
+def _read_snapshot(path: Path) -> dict[str, dict] | None:
+    """One Tune experiment-state file: trial id → {config, status, last_result}; None if unreadable."""
     try:
-        state = json.loads(paths[-1].read_text())
+        state = json.loads(path.read_text())
         trials = {}
         for trial_json, runtime_json in state["trial_data"]:
             trial, runtime = json.loads(trial_json), json.loads(runtime_json)
@@ -390,90 +416,318 @@ def _tune_snapshot(directory: Path) -> dict[str, dict] | None:
         return None
 
 
+def _tune_snapshot(directory: Path) -> dict[str, dict] | None:
+    """Tune's newest trial snapshot in ``directory`` (None if there is none or it is torn)."""
+    paths = sorted(Path(directory).glob(TUNE_STATE_GLOB))  # Tune restores the newest name too
+    return _read_snapshot(paths[-1]) if paths else None
+
+
+SEARCHER_FORMAT = "autoprune-searcher/1"
+_FINISHED = ("COMPLETE", "PRUNED", "FAIL")
+
+
+def _tpe(seed: int | None = None):
+    """The default sampler factory (Optuna's TPE)."""
+    import optuna
+
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+def _nested(flat: Mapping[str, Any]) -> dict:
+    """Optuna's flat names (``ratio/layer1``) as Tune's nested config (the inverse of :func:`_flat`)."""
+    out: dict = {}
+    for name, value in flat.items():
+        *parents, leaf = name.split("/")
+        node = out
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return out
+
+
+def _read_searcher_state(path: Path) -> dict | None:
+    """A state :meth:`OptunaSearcher.save` wrote, or None if unreadable (torn, another format)."""
+    import pickle
+
+    try:
+        with open(path, "rb") as f:
+            state = pickle.load(f)
+    except Exception:  # noqa: BLE001 - a torn or foreign pickle can raise anything
+        return None
+    return state if isinstance(state, dict) and state.get("format") == SEARCHER_FORMAT else None
+
+
+def _newest_searcher_state(directory: Path) -> dict | None:
+    """The newest readable searcher state Tune kept in ``directory`` (one file per session)."""
+    for path in sorted(Path(directory).glob(SEARCHER_STATE_GLOB), reverse=True):
+        state = _read_searcher_state(path)
+        if state is not None:
+            return state
+    return None
+
+
 @functools.lru_cache(maxsize=None)
 def _optuna_search_class():
+    """The OptunaSearcher class, defined on first use so that importing autoprune skips Ray."""
     from ray.tune.search import Searcher
-    from ray.tune.search.optuna import OptunaSearch
 
-    class OptunaSearcher(OptunaSearch):
-        """Ray's OptunaSearch telling Optuna only final scores, and exact on resume.
+    class OptunaSearcher(Searcher):
+        """A Ray Tune searcher driving an Optuna study through Optuna's public API only.
 
-        Adds the Optuna trial number to each config (``_number``); a trial stopped by the
-        scheduler before its final rung is told as PRUNED (its truncated score is never a
-        final value); a diverged trial is told its penalty and tagged ``diverged``.
-        ``max_trials`` caps the Optuna trials handed out, so a resumed search never draws
-        more than requested. On restore the searcher is reconciled with Tune's trial
-        snapshot (:meth:`reconcile`).
+        ``space`` is a define-by-run function (``SearchSpace.define``); ``sampler`` a
+        picklable factory ``sampler(seed=...)`` returning the Optuna sampler (e.g. the
+        bound ``SearchSpace.make_sampler``); ``points_to_evaluate`` are enqueued, in
+        order, as the first trials; ``max_trials`` caps the trials handed out (the
+        points included), so a resumed search never draws more than requested.
+
+        Each config carries the Optuna trial number (``_number``). Only final scores are
+        told: a trial the scheduler stopped before its final rung is told PRUNED; a
+        diverged one is told its penalty and tagged user attr ``diverged``; an errored
+        one is told FAIL.
+
+        The study (and its sampler, which may hold locks) never leaves the process:
+        pickling (Tune's ``tuner.pkl``), :meth:`save` and :meth:`restore` keep plain data
+        (the sampler factory and seed, every trial's number, params, distributions,
+        state, values and attributes, Tune's trial ids, orphans, the cap and the points),
+        and the study is rebuilt from it on first use: finished trials are added with
+        ``optuna.trial.create_trial``, running ones asked again with their params
+        enqueued, so numbers stay. The rebuilt sampler is seeded with ``seed`` plus the
+        number of trials, so it does not repeat the draws it made before.
         """
 
-        def __init__(self, *args, max_trials: int | None = None, **kwargs):
-            super().__init__(*args, **kwargs)
-            self._max_trials = max_trials
-            self._orphans: list = []
+        def __init__(self, space: Callable, metric: str | list[str], mode: str | list[str],
+                     points_to_evaluate: Sequence[Mapping] | None = None,
+                     sampler: Callable[..., Any] | None = None, seed: int = 0,
+                     max_trials: int | None = None):
+            super().__init__(metric=metric, mode=mode)
+            if not callable(space):
+                raise TypeError("OptunaSearcher: space must be a define-by-run function of an optuna.Trial")
+            if sampler is not None and not callable(sampler):
+                raise TypeError("OptunaSearcher: sampler must be a factory sampler(seed=...), "
+                                "e.g. SearchSpace.make_sampler or optuna.samplers.RandomSampler")
+            self.__setstate__({
+                "format": SEARCHER_FORMAT, "define": space, "metric": metric, "mode": mode,
+                "sampler": sampler or _tpe, "seed": int(seed), "max_trials": max_trials,
+                "points": [dict(p) for p in points_to_evaluate or ()], "seeded": 0,
+                "trials": [], "ids": {}, "orphans": []})
 
-        def suggest(self, trial_id: str):
-            if trial_id not in self._ot_trials:
-                if self._orphans:  # drawn before the kill, unknown to Tune: hand it out again
-                    self._ot_trials[trial_id] = self._orphans.pop(0)
-                elif self._max_trials is not None and len(self._ot_study.get_trials(deepcopy=False)) >= self._max_trials:
-                    return Searcher.FINISHED
-            config = super().suggest(trial_id)
-            if isinstance(config, dict) and trial_id in self._ot_trials:
-                config[NUMBER_KEY] = self._ot_trials[trial_id].number
-            return config
+        # -- plain state
 
-        def on_trial_result(self, trial_id: str, result: dict):
-            if trial_id in self._ot_trials:
-                super().on_trial_result(trial_id, result)
+        def __getstate__(self) -> dict:
+            return {"format": SEARCHER_FORMAT, "define": self._define, "metric": self._metric,
+                    "mode": self._mode, "sampler": self._sampler, "seed": self._seed,
+                    "max_trials": self._max_trials, "points": self._points, "seeded": self._seeded,
+                    "trials": self._trials, "ids": self._ids, "orphans": self._orphans}
 
-        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
-            if trial_id not in self._ot_trials:
-                return
-            if result and not error:
-                if not result.get("final"):
-                    result = None  # stopped early: PRUNED
-                elif result.get("diverged"):
-                    self._ot_trials[trial_id].set_user_attr("diverged", True)
-            super().on_trial_complete(trial_id, result=result, error=error)
+        def __setstate__(self, state: Mapping) -> None:
+            if not isinstance(state, Mapping) or state.get("format") != SEARCHER_FORMAT:
+                raise ValueError(f"not an {SEARCHER_FORMAT} state")
+            self._define, self._metric, self._mode = state["define"], state["metric"], state["mode"]
+            self._sampler, self._seed, self._max_trials = state["sampler"], state["seed"], state["max_trials"]
+            self._points, self._seeded = copy.deepcopy(list(state["points"])), int(state["seeded"])
+            self._trials = copy.deepcopy(list(state["trials"]))  # record i is Optuna trial number i
+            self._ids = dict(state["ids"])  # Tune trial id -> number
+            self._orphans = list(state["orphans"])  # numbers handed out that Tune does not know
+            self._study = None  # rebuilt on first use
+            self._live: dict[int, Any] = {}  # number -> optuna.Trial of the running trials
 
-        def restore(self, checkpoint_path: str):
-            super().restore(checkpoint_path)
-            self.__dict__.setdefault("_orphans", [])
-            snapshot = _tune_snapshot(Path(checkpoint_path).parent)
+        def save(self, checkpoint_path: str) -> None:
+            """Write the plain state (pickle) atomically to ``checkpoint_path``."""
+            import pickle
+
+            path = Path(checkpoint_path)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            with open(tmp, "wb") as f:
+                pickle.dump(self.__getstate__(), f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+
+        def restore(self, checkpoint_path: str) -> None:
+            """Load a saved state and :meth:`reconcile` it with Tune's snapshot next to it.
+
+            An unreadable file (torn, or another format) gives way to the newest readable
+            state in the same folder; with none, this searcher keeps its state and adopts
+            every trial Tune recorded.
+            """
+            path = Path(checkpoint_path)
+            state = _read_searcher_state(path) or _newest_searcher_state(path.parent)
+            if state is not None:
+                self.__setstate__(state)
+            snapshot = _tune_snapshot(path.parent)
             if snapshot is not None:
                 self.reconcile(snapshot)
+
+        def restart(self, state: Mapping) -> None:
+            """Take ``state`` (as :meth:`save` wrote) for a new Tune experiment: Tune's old
+            trial ids are forgotten and every trial is handed out again, in number order
+            (finished ones keep what Optuna was told)."""
+            self.__setstate__(state)
+            self._ids, self._orphans = {}, list(range(len(self._trials)))
+
+        # -- the study
+
+        @property
+        def study(self):
+            """The Optuna study (built, or rebuilt from the plain state, on first use)."""
+            if self._study is None:
+                self._study = self._rebuild()
+            return self._study
+
+        def trial(self, trial_id: str):
+            """The Optuna FrozenTrial of Tune trial ``trial_id`` (None if unknown)."""
+            number = self._ids.get(trial_id)
+            return None if number is None else self.study.get_trials(deepcopy=True)[number]
+
+        def _directions(self) -> list[str]:
+            modes = self._mode if isinstance(self._mode, list) else [self._mode]
+            return ["maximize" if m == "max" else "minimize" for m in modes]
+
+        def _rebuild(self):
+            import optuna
+            from optuna.distributions import json_to_distribution
+            from optuna.trial import TrialState
+
+            study = optuna.create_study(directions=self._directions(),
+                                        sampler=self._sampler(seed=self._seed + len(self._trials)),
+                                        pruner=optuna.pruners.NopPruner())
+            for rec in self._trials:
+                dists = {k: json_to_distribution(v) for k, v in rec["distributions"].items()}
+                if rec["state"] in _FINISHED:
+                    study.add_trial(optuna.trial.create_trial(
+                        state=TrialState[rec["state"]], values=rec["values"], params=rec["params"],
+                        distributions=dists, user_attrs=rec["user_attrs"], system_attrs=rec["system_attrs"],
+                        intermediate_values=rec["intermediate"]))
+                    continue
+                study.enqueue_trial(dict(rec["params"]), skip_if_exists=False)
+                trial = study.ask(fixed_distributions=dists)
+                if trial.number != rec["number"]:
+                    raise RuntimeError(f"searcher state out of order: trial {rec['number']} rebuilt as "
+                                       f"{trial.number}")
+                for step, value in rec["intermediate"].items():
+                    trial.report(value, step)
+                for key, value in rec["user_attrs"].items():
+                    trial.set_user_attr(key, value)
+                self._live[trial.number] = trial
+            return study
+
+        def _ask(self, params: Mapping | None) -> int:
+            """A new Optuna trial (``params`` enqueued first, if given): its number."""
+            from optuna.distributions import distribution_to_json
+
+            study = self.study
+            if params is not None:
+                study.enqueue_trial(dict(params), skip_if_exists=False)
+            trial = study.ask()
+            self._define(trial)
+            if trial.number != len(self._trials):
+                raise RuntimeError(f"Optuna numbered a trial {trial.number}, expected {len(self._trials)}")
+            self._trials.append({
+                "number": trial.number, "params": dict(trial.params),
+                "distributions": {k: distribution_to_json(d) for k, d in trial.distributions.items()},
+                "state": "RUNNING", "values": None, "user_attrs": {}, "system_attrs": {},
+                "intermediate": {}})
+            self._live[trial.number] = trial
+            return trial.number
+
+        def _next_point(self) -> Mapping | None:
+            if self._seeded < len(self._points):
+                self._seeded += 1
+                return self._points[self._seeded - 1]
+            return None
+
+        def _config(self, number: int) -> dict:
+            return {**_nested(self._trials[number]["params"]), NUMBER_KEY: number}
+
+        def _tell(self, number: int, values: list | None, state, diverged: bool = False) -> None:
+            from optuna.trial import TrialState
+
+            study = self.study  # first: a rebuild fills self._live
+            trial = self._live.pop(number)
+            if diverged:
+                trial.set_user_attr("diverged", True)
+            try:
+                frozen = study.tell(trial, values, state=state)
+            except ValueError:  # values Optuna rejects (NaN): the trial failed
+                frozen = study.tell(trial, None, state=TrialState.FAIL)
+            self._trials[number].update(
+                state=frozen.state.name, values=frozen.values, params=dict(frozen.params),
+                user_attrs=dict(frozen.user_attrs), system_attrs=dict(frozen.system_attrs),
+                intermediate=dict(frozen.intermediate_values))
+
+        def _finished(self, number: int) -> bool:
+            return self._trials[number]["state"] in _FINISHED
+
+        # -- Ray Tune's Searcher interface
+
+        def suggest(self, trial_id: str):
+            if trial_id not in self._ids:
+                if self._orphans:  # drawn before, unknown to Tune's experiment: hand it out again
+                    number = self._orphans.pop(0)
+                elif self._max_trials is not None and len(self._trials) >= self._max_trials:
+                    return Searcher.FINISHED
+                else:
+                    number = self._ask(self._next_point())
+                self._ids[trial_id] = number
+            return self._config(self._ids[trial_id])
+
+        def on_trial_result(self, trial_id: str, result: dict) -> None:
+            number = self._ids.get(trial_id)
+            if number is None or self._finished(number) or isinstance(self._metric, list):
+                return  # Optuna keeps intermediate values for single-objective studies only
+            value, step = result.get(self._metric), result.get("training_iteration")
+            rec = self._trials[number]
+            if value is None or step is None or int(step) in rec["intermediate"]:
+                return
+            _ = self.study  # first: a rebuild fills self._live
+            self._live[number].report(float(value), int(step))
+            rec["intermediate"][int(step)] = float(value)
+
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+            from optuna.trial import TrialState
+
+            number = self._ids.get(trial_id)
+            if number is None or self._finished(number):
+                return
+            metrics = self._metric if isinstance(self._metric, list) else [self._metric]
+            values = None
+            if result and not error and result.get("final"):  # not final: stopped early (PRUNED)
+                values = [result.get(m) for m in metrics]
+                values = None if any(v is None for v in values) else [float(v) for v in values]
+            state = (TrialState.COMPLETE if values is not None
+                     else TrialState.FAIL if error else TrialState.PRUNED)
+            self._tell(number, values, state, diverged=bool(values and result.get("diverged")))
 
         def reconcile(self, trials: Mapping[str, Mapping]) -> None:
             """Align this (restored) searcher with Tune's trial snapshot ``trials``.
 
             Tune writes its trial snapshot and the searcher's one after the other, so a
             killed driver can leave either a moment older. Trials Tune knows but the
-            searcher does not are adopted under their own params (numbers follow on);
-            trials Tune finished are told their last result; trials the searcher handed
-            out but Tune never recorded are orphans, handed out again by :meth:`suggest`.
+            searcher does not are adopted under their own params (numbers follow on; a
+            pending seed point counts as drawn); trials Tune finished are told their last
+            result; trials the searcher handed out but Tune never recorded are orphans,
+            handed out again by :meth:`suggest`.
             """
-            from optuna.trial import TrialState
-
-            by_number = sorted(trials.items(), key=lambda kv: kv[1]["config"].get(NUMBER_KEY, math.inf))
-            for trial_id, trial in by_number:
-                if trial_id not in self._ot_trials:
-                    queued = self._ot_study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
-                    if not queued:  # else the next queued point (a seed, in order) is this trial's
-                        self._ot_study.enqueue_trial(_flat(trial["config"]), skip_if_exists=False)
-                    self._ot_trials[trial_id] = self._ot_study.ask()
-                    self._suggest_from_define_by_run_func(self._space, self._ot_trials[trial_id])
-                if trial["status"] in ("TERMINATED", "ERROR") and trial_id not in self._completed_trials:
+            ordered = sorted(trials.items(), key=lambda kv: kv[1]["config"].get(NUMBER_KEY, math.inf))
+            for trial_id, trial in ordered:
+                if trial_id not in self._ids:
+                    self._next_point()  # the seeds are the first trials: this one took the next
+                    self._ids[trial_id] = self._ask(_flat(trial["config"]))
+                if trial["status"] in ("TERMINATED", "ERROR"):
                     self.on_trial_complete(trial_id, trial["last_result"] or None,
                                            error=trial["status"] == "ERROR")
-            orphans = [t for t in self._ot_trials if t not in trials and t not in self._completed_trials]
-            self._orphans = sorted((self._ot_trials.pop(t) for t in orphans), key=lambda ot: ot.number)
+            unknown = [t for t, n in self._ids.items() if t not in trials and not self._finished(n)]
+            self._orphans = sorted(set(self._orphans) | {self._ids.pop(t) for t in unknown})
 
+    OptunaSearcher.__module__ = __name__
+    OptunaSearcher.__qualname__ = "OptunaSearcher"  # pickled by reference, through __getattr__ below
     return OptunaSearcher
 
 
-def OptunaSearcher(*args, **kwargs):
-    """An instance of the OptunaSearch subclass above (Ray is imported lazily)."""
-    return _optuna_search_class()(*args, **kwargs)
+def __getattr__(name: str):
+    if name == "OptunaSearcher":  # Ray is imported on first use only
+        return _optuna_search_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _check_reachable(address: str, timeout: float = 5.0) -> None:
@@ -508,7 +762,8 @@ def _ray_session(address: str | None, num_cpus: int, progress: bool) -> Iterator
         info = {"address": address, "started": False}
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+        # address="local": a Ray of our own even if a cluster (or RAY_ADDRESS) is around
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
                  log_to_driver=progress, configure_logging=False)
         info = {"address": "local", "started": True}
     try:
@@ -702,6 +957,7 @@ def driver_state(model: nn.Module, data: DataBundle, spec: SearchSpace, budget: 
 
     space = Space(model, torch.zeros(1, *data.input_shape, device=device))
     budget.target(space)
+    spec.variables(space)  # ties that match no unit fail here, before calibration
     specs = _calibration(spec, data.num_classes)
     stats = (calibrate(space, model, loader(data.train, batch_size=64, shuffle=True, seed=seed), specs,
                        n_images=calib_images, device=device, progress=progress) if specs else Stats())
@@ -784,7 +1040,8 @@ def search(model: nn.Module, data: DataBundle, budget: "str | Budget" = "flops<=
     ``trials``, ``workers`` and ``seed`` given here are then ignored).
     ``finetune_epochs``/``lr``/``distill``/``bn_batches`` are the final fine-tune of the
     best structure, as in :func:`autoprune.prune`. Stopped early (Ctrl-C), it raises
-    KeyboardInterrupt naming how to resume, and writes no model or report. ``inputs`` are recorded in
+    KeyboardInterrupt naming how to resume, and writes no model or report; AutopruneError
+    if Tune ends early without an interrupt, or ``out/search.json`` is malformed on resume. ``inputs`` are recorded in
     ``search.json`` (the CLI stores how to rebuild model and data for ``--resume``).
     Returns :class:`autoprune.prune.Result`; ``result.report`` is report.json.
     """
@@ -831,15 +1088,14 @@ def _settings(out: Path, resume: bool, space, budget, trials: int, workers: int,
     from ray import tune
 
     if resume:
-        path = out / SETTINGS_FILE
-        if not path.is_file() or not tune.Tuner.can_restore(str(out / TUNE_DIR)):
+        saved = read_settings(out) if (out / SETTINGS_FILE).is_file() else None
+        if saved is None or not tune.Tuner.can_restore(str(out / TUNE_DIR)):
             raise AutopruneError(f"{out} holds no search to resume (no {SETTINGS_FILE} and {TUNE_DIR}/ "
                                  "experiment state); start one with autoprune search --out DIR")
-        saved = json.loads(path.read_text())
         spec = load(out / SPACE_FILE)
-        spec.name = saved.get("space", spec.name)
-        run = _Run(out, True, spec, Budget.parse(saved["budget"]), int(saved["trials"]),
-                   int(saved["workers"]), int(saved["seed"]), saved["seeds"])
+        spec.name = saved.get("space") or spec.name
+        run = _Run(out, True, spec, saved["budget"], saved["trials"], saved["workers"], saved["seed"],
+                   saved["seeds"])
     else:
         if (out / TUNE_DIR).exists() and any((out / TUNE_DIR).iterdir()):
             raise AutopruneError(f"{out} already holds a search; continue it with --resume {out} "
@@ -849,6 +1105,69 @@ def _settings(out: Path, resume: bool, space, budget, trials: int, workers: int,
     return run
 
 
+def _budget_json(budget: Budget) -> dict:
+    """The budget as numbers (exact, unlike its text form)."""
+    return {"kind": budget.kind, "value": budget.value, "relative": budget.relative}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _settings_budget(value: Any) -> Budget | None:
+    """search.json's budget: {kind, value, relative} or (older runs) text like 'flops<=50%'."""
+    from ..budget import KINDS
+
+    if isinstance(value, str):
+        try:
+            return Budget.parse(value)
+        except AutopruneError:
+            return None
+    if not isinstance(value, Mapping) or set(value) != {"kind", "value", "relative"}:
+        return None
+    kind, number, relative = value["kind"], value["value"], value["relative"]
+    if (kind not in KINDS or not isinstance(relative, bool) or isinstance(number, bool)
+            or not isinstance(number, (int, float)) or not 0 < number < math.inf or (relative and number > 1)):
+        return None
+    return Budget(kind, float(number), relative)
+
+
+def read_settings(out: "str | os.PathLike") -> dict:
+    """``out/search.json`` validated: budget (a :class:`~autoprune.budget.Budget`), trials,
+    workers, seed, seeds, space and inputs. AutopruneError naming the key if it is missing
+    or wrong (such a search cannot be continued)."""
+    path = Path(out) / SETTINGS_FILE
+    fix = "this search cannot be continued; start a new one with autoprune search --out DIR"
+    try:
+        saved = json.loads(path.read_text())
+    except OSError as exc:
+        raise AutopruneError(f"{out} holds no search to resume (cannot read {SETTINGS_FILE}: "
+                             f"{exc.strerror or exc}); start one with autoprune search --out DIR") from None
+    except ValueError:
+        raise AutopruneError(f"{path} is not valid JSON; {fix}") from None
+    if not isinstance(saved, dict):
+        raise AutopruneError(f"{path} must hold a JSON object, got {short(saved)}; {fix}")
+    checks = {
+        "budget": ("a budget {kind, value, relative} or text like 'flops<=50%'",
+                   lambda v: _settings_budget(v) is not None),
+        "trials": ("an int >= 2", lambda v: _is_int(v) and v >= 2),
+        "workers": ("an int >= 1", lambda v: _is_int(v) and v >= 1),
+        "seed": ("an int >= 0", lambda v: _is_int(v) and v >= 0),
+        "seeds": ("a mapping of seed name to params",
+                  lambda v: isinstance(v, dict) and all(isinstance(p, dict) for p in v.values())),
+    }
+    for key, (allowed, ok) in checks.items():
+        if key not in saved:
+            raise AutopruneError(f"{path}: '{key}' is missing (it must be {allowed}); {fix}")
+        if not ok(saved[key]):
+            raise AutopruneError(f"{path}: '{key}' must be {allowed}, got {short(saved[key])}; {fix}")
+    for key, kind in (("space", str), ("inputs", dict)):
+        if saved.get(key) is not None and not isinstance(saved[key], kind):
+            raise AutopruneError(f"{path}: '{key}' must be a {'string' if kind is str else 'mapping'}, "
+                                 f"got {short(saved[key])}; {fix}")
+    return {**saved, "budget": _settings_budget(saved["budget"])}
+
+
 def _record(run: _Run, inputs: Mapping | None) -> None:
     """search.json and space.yaml: everything --resume needs besides model and data."""
     from ..checkpoint import atomic_write_text
@@ -856,7 +1175,7 @@ def _record(run: _Run, inputs: Mapping | None) -> None:
     run.out.mkdir(parents=True, exist_ok=True)
     _write_space(run.spec, run.out / SPACE_FILE)
     atomic_write_text(run.out / SETTINGS_FILE, json.dumps(
-        {"format": "autoprune-search/1", "budget": str(run.budget), "space": run.spec.name,
+        {"format": "autoprune-search/1", "budget": _budget_json(run.budget), "space": run.spec.name,
          "trials": run.trials, "workers": run.workers, "seed": run.seed, "seeds": run.seeds,
          "inputs": dict(inputs or {})}, indent=1, default=str))
 
@@ -877,7 +1196,7 @@ def _search(run: _Run, model, data, address, finetune_epochs, lr, distill, calib
         run.seeds = _seed_points(space, spec, budget, scores, progress)
         _record(run, inputs)
     cpu_model = copy.deepcopy(model).cpu().eval()
-    shared = Shared(cpu_model, _shippable_space(space, cpu_model), spec, str(budget), scores, labels,
+    shared = Shared(cpu_model, _shippable_space(space, cpu_model), spec, budget, scores, labels,
                     data, seed, threads=max(1, int(cpus_per_trial)), experiment_dir=str(run.experiment))
     names, modes = spec.metrics()
     with _ray_session(address, num_cpus=max(1, math.ceil(run.workers * cpus_per_trial)),
@@ -886,26 +1205,31 @@ def _search(run: _Run, model, data, address, finetune_epochs, lr, distill, calib
         trainable = tune.with_resources(tune.with_parameters(_trainable, shared=shared), resources)
         os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")  # state snapshots at most 1 s old
         t_fit, cpu_fit = time.time(), time.process_time()
-        if run.resume:
-            tuner = tune.Tuner.restore(str(run.experiment), trainable=trainable, resume_unfinished=True,
-                                       resume_errored=False, restart_errored=False)
-        else:
-            tuner = _new_tuner(trainable, spec.define(space), run, max_failures, progress)
-        grid = tuner.fit()
+        with _sigint_watch() as interrupted:
+            if run.resume:
+                tuner = _resumed_tuner(trainable, spec.define(space), run, max_failures, progress)
+            else:
+                tuner = _new_tuner(trainable, spec.define(space), run, max_failures, progress)
+            grid = tuner.fit()
+            stopped = interrupted()
         fit_s, fit_cpu = time.time() - t_fit, time.process_time() - cpu_fit
 
     fields = trial_fields(_results(grid), run.seeds)
     rows, best = fields["trials"], fields["best_trial"]
     write_json(run.out / TRIALS_FILE, rows)
     finished = sum(r["state"] != "INCOMPLETE" for r in rows)
-    if finished < run.trials:  # Tune ends a run early only when stopped (Ctrl-C, SIGTERM)
-        raise KeyboardInterrupt(f"search stopped after {finished} of {run.trials} trials")
+    if finished < run.trials:
+        if stopped:  # Ctrl-C: Tune saved its state and stopped
+            raise KeyboardInterrupt(f"search stopped after {finished} of {run.trials} trials")
+        raise AutopruneError(f"Ray Tune ended the search after {finished} of {run.trials} trials without "
+                             f"an interrupt (trial states: {fields['states'] or 'none'}); see "
+                             f"{run.out / TRIALS_FILE}; try autoprune search --resume {run.out}")
     if best is None:
         raise AutopruneError(f"no trial of {len(rows)} finished with a score (states: "
                              f"{fields['states']}); see {run.out / TRIALS_FILE}")
     cand = spec.candidate(best["config"], space)
     plan, small, widths, _, _ = build_structure(
-        Shared(model, space, spec, str(budget), scores, labels, data, seed), cand)
+        Shared(model, space, spec, budget, scores, labels, data, seed), cand)
     plan.meta = {"method": "search", "criterion": cand.mix, "budget": str(budget), "seed": seed,
                  "trial": best["number"]}
     report = _finish(model, small, data, space, budget, widths, seed, finetune_epochs, lr, distill,
@@ -927,13 +1251,14 @@ def _search(run: _Run, model, data, address, finetune_epochs, lr, distill, calib
                 "tune_started_at": t_fit, "tune_s": round(fit_s, 2), "driver_cpu_s": round(fit_cpu, 2),
                 "importances_note": why, "experiment": str(run.experiment)},
         elapsed_s=round(time.time() - start, 2))
-    write_outputs(run.out, plan, small, report)
     from ..report import plot_history, plot_importances, plot_pareto
-    plot_history(rows, run.out / "history.png", title=f"search @ {budget}")
+    extra = {TRIALS_FILE: lambda path: write_json(path, rows),
+             "history.png": lambda path: plot_history(rows, path, title=f"search @ {budget}")}
     if imp:
-        plot_importances(imp, run.out / "importances.png")
+        extra["importances.png"] = lambda path: plot_importances(imp, path)
     if spec.objective == "accuracy_flops":
-        plot_pareto(rows, run.out / "pareto.png", title=f"search @ {budget}")
+        extra["pareto.png"] = lambda path: plot_pareto(rows, path, title=f"search @ {budget}")
+    write_outputs(run.out, plan, small, report, extra=extra)  # one set, manifest.json last
     return Result(small, plan, report)
 
 
@@ -948,18 +1273,22 @@ def trial_fields(rows: Iterable[dict], seeds: Mapping[str, Mapping]) -> dict:
             "states": _count_states(rows), "nodes": sorted({r["node"] for r in rows if r["node"]})}
 
 
-def _new_tuner(trainable, define, run: _Run, max_failures: int, progress: bool):
-    """A fresh Tuner: OptunaSearcher (the YAML's sampler, seeds enqueued first), optional ASHA."""
+def _new_tuner(trainable, define, run: _Run, max_failures: int, progress: bool, state: Mapping | None = None):
+    """A fresh Tuner: OptunaSearcher (the YAML's sampler, seeds enqueued first), optional ASHA.
+    With ``state`` (a saved searcher state) the searcher continues from it, handing out
+    every trial it holds again first (see :meth:`OptunaSearcher.restart`)."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
     spec = run.spec
     names, modes = spec.metrics()
     single = len(names) == 1
-    searcher = OptunaSearcher(space=define, metric=names[0] if single else list(names),
-                              mode=modes[0] if single else list(modes),
-                              points_to_evaluate=[dict(p) for p in run.seeds.values()],
-                              sampler=spec.make_sampler(run.seed), max_trials=run.trials)
+    searcher = _optuna_search_class()(
+        space=define, metric=names[0] if single else list(names), mode=modes[0] if single else list(modes),
+        points_to_evaluate=[dict(p) for p in run.seeds.values()], sampler=spec.make_sampler, seed=run.seed,
+        max_trials=run.trials)
+    if state is not None:
+        searcher.restart(state)
     scheduler = None
     if spec.asha:  # ASHA's time unit: proxy fine-tuning steps
         scheduler = ASHAScheduler(time_attr="proxy_steps", metric="proxy_score", mode="max",
@@ -973,6 +1302,78 @@ def _new_tuner(trainable, define, run: _Run, max_failures: int, progress: bool):
                                     trial_dirname_creator=_trial_dirname),
         run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(run.out), verbose=1 if progress else 0,
                                   failure_config=tune.FailureConfig(max_failures=max_failures)))
+
+
+def _tune_state_problem(experiment: Path) -> str | None:
+    """Why Tune's newest experiment state in ``experiment`` cannot be restored (None: it can).
+
+    A torn (truncated) or trial-less newest state is moved aside (``.unusable``), so that
+    neither Tune nor a later resume picks it up again.
+    """
+    paths = sorted(experiment.glob(TUNE_STATE_GLOB))  # Tune restores the newest name
+    if not paths:
+        return "it holds no Tune experiment state"
+    newest = paths[-1]
+    trials = _read_snapshot(newest)
+    if trials:
+        return None
+    why = "is truncated or unreadable" if trials is None else "records no trial"
+    os.replace(newest, newest.with_name(newest.name + ".unusable"))
+    return f"Tune's experiment state {newest.name} {why} (moved aside to {newest.name}.unusable)"
+
+
+def _resumed_tuner(trainable, define, run: _Run, max_failures: int, progress: bool):
+    """``Tuner.restore`` of the experiment in ``run.experiment``; if Tune's state there is torn,
+    empty or not restorable, a new experiment in the same folder whose searcher continues
+    from its own saved state (a warning says so)."""
+    from ray import tune
+
+    problem = _tune_state_problem(run.experiment)
+    if problem is None:
+        try:
+            return tune.Tuner.restore(str(run.experiment), trainable=trainable, resume_unfinished=True,
+                                      resume_errored=False, restart_errored=False)
+        except Exception as exc:  # noqa: BLE001 - e.g. an unreadable tuner.pkl: fall back below
+            problem = f"Ray Tune cannot restore it ({_error_line(exc)[:200]})"
+    state = _newest_searcher_state(run.experiment)
+    kept = len(state["trials"]) if state else 0
+    warnings.warn(f"{run.experiment}: {problem}; continuing in a new Tune experiment there from the "
+                  f"searcher's own record of {kept} trial(s): finished ones report their saved result "
+                  "again, the others run again", stacklevel=3)
+    return _new_tuner(trainable, define, run, max_failures, progress, state=state)
+
+
+@contextmanager
+def _sigint_watch() -> Iterator[Callable[[], bool]]:
+    """Yields a function telling whether SIGINT (Ctrl-C) arrived while the block ran.
+
+    Ray Tune catches the first SIGINT itself (it saves its state, stops and puts back the
+    handler it found), so a handler is installed first: it notes a SIGINT that reaches it
+    (and acts as the previous handler), and finding it back in place after ``fit`` means
+    Tune's handler fired. The previous handler is restored at the end.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    seen: list[int] = []
+
+    def handler(signum, frame):
+        seen.append(signum)
+        if callable(previous):
+            previous(signum, frame)
+        elif previous != signal.SIG_IGN:
+            raise KeyboardInterrupt
+
+    tune_catches = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0").strip() in ("", "0")
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: bool(seen) or (tune_catches and signal.getsignal(signal.SIGINT) is handler)
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
 
 
 def _brief(row: dict | None) -> dict | None:
