@@ -29,11 +29,11 @@ _SOURCES = {  # public name -> (submodule, attribute; None: the submodule itself
     "Cost": ("cost", "Cost"), "fvcore_cost": ("cost", "fvcore_cost"),
     "AutopruneError": ("errors", "AutopruneError"), "BudgetError": ("errors", "BudgetError"),
     "CheckpointError": ("errors", "CheckpointError"), "DataError": ("errors", "DataError"),
-    "ModelError": ("errors", "ModelError"), "Plan": ("plan", "Plan"), "load": ("plan", "load"),
+    "ModelError": ("errors", "ModelError"), "OptionError": ("errors", "OptionError"), "Plan": ("plan", "Plan"), "load": ("plan", "load"),
     "select": ("plan", "select"), "Space": ("space", "Space"), "Unit": ("space", "Unit"),
     "wsp_plan": ("wsp", "wsp_plan"), "wsp_widths": ("wsp", "wsp_widths"),
     "fpar_attention": ("criteria.fpar", "attention"), "fpar_scores": ("criteria.fpar", "fpar_scores"),
-    "Result": ("prune", "Result"), "prune": ("prune", "prune"), "compare": ("compare", "compare"),
+    "methods": ("methods", None), "Result": ("pipeline", "Result"), "prune": ("prune", "prune"), "compare": ("compare", "compare"),
     "proxy_fidelity": ("compare", "proxy_fidelity"),
 }
 # Functions named like their module: importing the module must not rebind the name to it.
@@ -41,8 +41,8 @@ _FUNCTIONS = frozenset(name for name, (module, attr) in _SOURCES.items() if attr
 
 __all__ = [
     "AutopruneError", "Budget", "BudgetError", "CheckpointError", "Cost", "DataError",
-    "ModelError", "Plan", "Result", "Space", "Unit", "calibrate", "compare", "criteria", "data",
-    "fpar_attention", "fpar_scores", "fvcore_cost", "load", "models", "proxy_fidelity", "prune",
+    "ModelError", "OptionError", "Plan", "Result", "Space", "Unit", "calibrate", "compare", "criteria", "data",
+    "fpar_attention", "fpar_scores", "fvcore_cost", "load", "methods", "models", "proxy_fidelity", "prune",
     "search", "select", "wsp_plan", "wsp_widths",
 ]
 

@@ -87,19 +87,21 @@ class Budget:
         if target < smallest:
             raise BudgetError(
                 f"budget {self} is below the smallest reachable structure: {self.kind} "
-                f"{_human(smallest)} ({smallest / base:.1%} of {_human(base)}); use at least "
+                f"{human(smallest)} ({smallest / base:.1%} of {human(base)}); use at least "
                 f"{self.kind}<={100 * smallest / base:.2f}%")
         if target > base:
             raise BudgetError(f"budget {self} exceeds the unpruned model's {self.kind} "
-                              f"{_human(base)}: nothing to prune")
+                              f"{human(base)}: nothing to prune")
         return target
 
     def describe(self, space, widths: Mapping[str, int]) -> dict:
-        """Target, base and realized cost of ``widths``, for reports."""
+        """Target, base and realized cost of ``widths``, for reports: the budget as its
+        ``spec`` string and exactly (``value``, ``relative``), the counts as integers."""
         base = getattr(space.cost(), self.kind)
         target = self.target(space)
         realized = getattr(space.cost(widths), self.kind)
-        return {"kind": self.kind, "spec": str(self), "base": base, "target": target,
+        return {"kind": self.kind, "spec": str(self), "value": self.value, "relative": self.relative,
+                "base": base, "target": target,
                 "realized": realized, "realized_ratio": realized / base,
                 "within_tolerance": target * (1 - TOLERANCE) <= realized <= target}
 
@@ -130,7 +132,8 @@ def _fixed(x: float, digits: int) -> str:
     return text.rstrip("0").rstrip(".") if "." in text else text
 
 
-def _human(n: float) -> str:
+def human(n: float) -> str:
+    """``n`` with three significant digits and a K/M/G suffix (62.5M), for messages."""
     for suffix, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= scale:
             return f"{n / scale:.3g}{suffix}"
@@ -166,11 +169,11 @@ class _Path:
 
 def _ratio_vector(space, ratios: Mapping[str, float], max_ratio: float) -> np.ndarray:
     if not 0 < max_ratio < 1:
-        raise ValueError(f"max_ratio must be in (0, 1), got {max_ratio}")
+        raise BudgetError(f"max_ratio must be in (0, 1), got {short(max_ratio)}")
     for name, r in ratios.items():
         space.unit(name)
         if not 0 <= r < 1 or not np.isfinite(r):
-            raise ValueError(f"ratio of unit {name} must be in [0, 1), got {r}")
+            raise BudgetError(f"ratio of unit {name} must be a fraction to prune in [0, 1), got {short(r)}")
     return np.array([min(float(ratios.get(u.name, 0.0)), max_ratio) for u in space.units])
 
 
@@ -190,11 +193,12 @@ def fit_widths(space, ratios: Mapping[str, float], budget: "str | Budget",
     for _ in range(60):
         mid = (lo + hi) / 2
         lo, hi = (lo, mid) if cost(mid) <= target else (mid, hi)
-    return _fill(space, path.widths(hi), path.continuous(lo), budget.kind, target)
+    return fill_widths(space, path.widths(hi), path.continuous(lo), budget.kind, target)
 
 
-def _fill(space, widths: dict[str, int], wanted: np.ndarray, kind: str, target: int) -> dict[str, int]:
-    """Add channel steps back while the target allows, most under-shaped unit first.
+def fill_widths(space, widths: Mapping[str, int], wanted: np.ndarray, kind: str, target: int) -> dict[str, int]:
+    """``widths`` with channel steps added back while ``target`` allows, the unit furthest
+    below its ``wanted`` width (per unit, in unit order) first, then the cheapest.
 
     Uses the quadratic form directly: raising ``z_i`` by ``d`` changes the cost by
     ``d·(Qs z)_i + d²·Q_ii`` with ``Qs = Q + Qᵀ``, so each step costs O(units).

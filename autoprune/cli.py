@@ -12,13 +12,16 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
 from .errors import AutopruneError, CheckpointError, ModelError, short
 from .limits import MAX_CHANNELS, MAX_CLASSES, MAX_IMAGE_SIZE
 from .train import MAX_LR
+
+if TYPE_CHECKING:
+    from .budget import Budget
 
 PROG = "autoprune"
 EXIT_USAGE = 2
@@ -51,6 +54,26 @@ COMMANDS: dict[str, Command] = {}
 def arg(*flags: str, **kwargs) -> tuple:
     """One ``add_argument`` call, recorded for :func:`command`."""
     return flags, kwargs
+
+
+class Later:
+    """An ``arg`` keyword value computed when the parser is built (e.g. a help text listing a
+    registry), so importing this module imports no registry."""
+
+    def __init__(self, make: Callable[[], object]) -> None:
+        self.make = make
+
+
+def _method_help() -> str:
+    from . import methods
+    listed = "; ".join(f"{name}{' (default)' if name == 'greedy' else ''}: {methods.get(name).help}"
+                       for name in methods.available())
+    return f"width method, one of {', '.join(methods.available())} ({listed})".replace("%", "%%")
+
+
+def _methods_default() -> str:
+    from . import methods
+    return ",".join(methods.available())
 
 
 def command(name: str, help: str, *arguments: tuple):
@@ -110,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     for cmd in COMMANDS.values():
         sub = subparsers.add_parser(cmd.name, help=cmd.help, description=cmd.help)
         for flags, kwargs in cmd.arguments:
-            sub.add_argument(*flags, **kwargs)
+            sub.add_argument(*flags, **{k: v.make() if isinstance(v, Later) else v for k, v in kwargs.items()})
         sub.set_defaults(run=cmd.run)
     return parser
 
@@ -282,19 +305,18 @@ def train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _budget(args: argparse.Namespace) -> str:
-    """--flops 50% / --params 1.2M as a budget string (exactly one of them), checked
-    (BudgetError if malformed) before any long work starts."""
+def _budget(args: argparse.Namespace) -> "Budget":
+    """--flops 50% / --params 1.2M as a :class:`~autoprune.budget.Budget` (exactly one of
+    them), parsed here, once (BudgetError if malformed), before any long work starts."""
     if (args.flops is None) == (args.params is None):
         raise UsageError("give exactly one budget: --flops VALUE or --params VALUE (e.g. --flops 50%)")
     kind, value = ("flops", args.flops) if args.flops is not None else ("params", args.params)
     return _checked_budget(f"{kind}<={value}")
 
 
-def _checked_budget(text: str) -> str:
+def _checked_budget(text: str) -> "Budget":
     from .budget import Budget
-    Budget.parse(text)
-    return text
+    return Budget.parse(text)
 
 
 def _criterion(text: str | None) -> dict[str, float] | None:
@@ -342,7 +364,7 @@ def _prune_inputs(args: argparse.Namespace):
     """(model, data) from --checkpoint (its data by default) or --model/--data (cached baseline)."""
     from . import data, models
     from .baseline import cached_baseline, check_compatible
-    from .prune import check_fits
+    from .pipeline import check_fits
 
     if args.checkpoint is None:
         if args.model is None or args.data is None:
@@ -406,10 +428,11 @@ FINETUNE = (
 @command(
     "prune", "prune a model to a FLOPs or params budget and fine-tune it",
     *BASELINE_AND_BUDGET,
-    arg("--method", default="greedy", help="greedy (default), uniform, wsp or tp_global (Torch-Pruning's "
-                                           "global magnitude); for search use 'autoprune search'"),
+    arg("--method", default="greedy", help=Later(_method_help)),
     arg("--criterion", metavar="C", help="di (default), hpse, fchp, hrank, taylor, l1, ... or a mix di:0.6,hpse:0.4"),
     arg("--clusters", metavar="M", help="keep channels per cluster: hpse, fchp or sg"),
+    arg("--cluster-k", type=POS_INT, metavar="K",
+        help="clusters per unit for --clusters (default: the clustering's own)"),
     arg("--greedy-mode", default="criterion", help="criterion (default, fast) or accuracy"),
     arg("--greedy-bn-batches", type=NONNEG_INT, default=5, metavar="N",
         help="adaptive-BN batches before scoring each greedy step's accuracy (default 5; 0: none)"),
@@ -420,15 +443,17 @@ FINETUNE = (
     arg("--no-progress", action="store_true", help="no progress bars"),
 )
 def prune(args: argparse.Namespace) -> int:
-    from .prune import check_options, prune as run
+    from .pipeline import check_options
+    from .prune import prune as run
 
     budget = _budget(args)  # every option checked before a baseline is trained or loaded
     criterion = check_options(args.method, _criterion(args.criterion), args.clusters, args.greedy_mode,
-                              args.calib_images)
+                              args.calib_images, args.cluster_k, greedy_bn_batches=args.greedy_bn_batches,
+                              greedy_recalibrate=args.greedy_recalibrate)
     out = _writable(args.out)
     model, bundle = _prune_inputs(args)
     result = run(model, bundle, budget, method=args.method, criterion=criterion,
-                 clusters=args.clusters, finetune_epochs=args.epochs, lr=args.lr,
+                 clusters=args.clusters, cluster_k=args.cluster_k, finetune_epochs=args.epochs, lr=args.lr,
                  distill=args.distill, seed=args.seed, calib_images=args.calib_images,
                  greedy_mode=args.greedy_mode, greedy_bn_batches=args.greedy_bn_batches,
                  greedy_recalibrate=args.greedy_recalibrate, out=out, progress=not args.no_progress)
@@ -459,7 +484,7 @@ SEARCH_INPUTS = ("checkpoint", "model", "data", "image_size", "data_root", "down
 )
 def search(args: argparse.Namespace) -> int:
     from .search import load as load_space
-    from .search.tune import SPACE_FILE, read_settings, search as run
+    from .search.runner import SPACE_FILE, read_settings, search as run
 
     if args.resume is not None:
         if args.out is not None and Path(args.out).resolve() != Path(args.resume).resolve():
@@ -511,8 +536,8 @@ def search(args: argparse.Namespace) -> int:
     *data_args(required=False),
     arg("--flops", nargs="+", metavar="V", help="FLOPs budgets, e.g. 70%% 50%% 30%%"),
     arg("--params", nargs="+", metavar="V", help="params budgets, e.g. 60%% 40%%"),
-    arg("--methods", default="uniform,greedy,wsp,tp_global,search",
-        help="comma list (default uniform,greedy,wsp,tp_global,search)"),
+    arg("--methods", default=Later(_methods_default),
+        help=Later(lambda: f"comma list (default {_methods_default()})")),
     arg("--criterion", metavar="C", help="criterion or mix for greedy/uniform (default di)"),
     arg("--seeds", type=NONNEG_INT, nargs="+", default=[0, 1, 2], help="default 0 1 2"),
     arg("--epochs", type=NONNEG_INT, default=5, help="fine-tuning epochs for every method (default 5)"),

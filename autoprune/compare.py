@@ -21,15 +21,17 @@ from typing import Sequence
 from scipy.stats import kendalltau
 from torch import nn
 
-from . import evaluate
+from . import evaluate, methods as width_methods
 from .budget import Budget
 from .checkpoint import atomic_write_text, write_json
 from .data import DataBundle
 from .errors import AutopruneError, short
-from .prune import METHODS, check_options as check_prune_options, prune
+from .pipeline import check_options as check_prune_options
+from .prune import prune
 from .search.space import SearchSpace
 
-DEFAULT_METHODS = ("uniform", "greedy", "wsp", "tp_global", "search")
+DEFAULT_METHODS = width_methods.available()
+"""Every registered width method, in registration order (the search included)."""
 FIELDS = ("budget", "method", "seed", "accuracy", "accuracy_adaptive_bn", "flops", "params",
           "flops_ratio", "latency_ms", "elapsed_s")
 
@@ -39,7 +41,7 @@ def check_options(methods: Sequence[str], criterion: "str | dict | None" = None,
     """The methods, after checking each (and the criterion for every width method, and the
     search space when search is among them): AutopruneError naming the choices. Cheap, so
     :func:`compare` and the CLI run it before any training, calibration or pruning."""
-    valid = (*METHODS, "search")
+    valid = width_methods.available()
     if isinstance(methods, str) or not methods:
         raise AutopruneError(f"{what} must be a non-empty list of methods from {', '.join(valid)}, "
                              f"got {short(methods)}")
@@ -58,18 +60,18 @@ def check_options(methods: Sequence[str], criterion: "str | dict | None" = None,
     return methods
 
 
-def compare(model: nn.Module, data: DataBundle, budgets: Sequence[str] = ("flops<=70%", "flops<=50%", "flops<=30%"),
+def compare(model: nn.Module, data: DataBundle,
+            budgets: "Sequence[str | Budget]" = ("flops<=70%", "flops<=50%", "flops<=30%"),
             methods: Sequence[str] = DEFAULT_METHODS, seeds: Sequence[int] = (0, 1, 2),
             finetune_epochs: int = 5, criterion: str | None = None, out: str | Path | None = None,
             progress: bool = True, **prune_kw) -> dict:
     """Run every method at every budget for every seed; write and return the results.
 
     ``prune_kw`` go to :func:`autoprune.prune` (e.g. ``space=``, ``trials=`` for search).
-    Every option is checked (:func:`check_options`, each budget parsed) before any run.
+    Every option is checked (:func:`check_options`, each budget parsed once, here) before any run.
     """
     methods = check_options(methods, criterion, prune_kw.get("space"))
-    for budget in budgets:
-        Budget.parse(budget)
+    budgets = [Budget.parse(b) for b in budgets]
     rows, widths = [], {}
     for budget in budgets:
         for method in methods:
@@ -85,10 +87,10 @@ def compare(model: nn.Module, data: DataBundle, budgets: Sequence[str] = ("flops
                     raise KeyboardInterrupt("compare stopped; run the same command again to continue "
                                             "(finished runs are reused)" if out else "") from None
                 rows.append(_row(budget, method, seed, report))
-                widths.setdefault(budget, {})[method] = report["widths"]
+                widths.setdefault(str(budget), {})[method] = report["widths"]
     summary = summarise(rows)
     results = {"rows": rows, "summary": summary, "widths": widths,
-               "settings": {"budgets": list(budgets), "methods": list(methods), "seeds": list(seeds),
+               "settings": {"budgets": [str(b) for b in budgets], "methods": list(methods), "seeds": list(seeds),
                             "finetune_epochs": finetune_epochs, "criterion": criterion,
                             "data": data.name}}
     if out is not None:
@@ -96,7 +98,7 @@ def compare(model: nn.Module, data: DataBundle, budgets: Sequence[str] = ("flops
     return results
 
 
-def _run(model: nn.Module, data: DataBundle, budget: str, method: str, seed: int, out: Path | None,
+def _run(model: nn.Module, data: DataBundle, budget: Budget, method: str, seed: int, out: Path | None,
          **kw) -> dict:
     """One method's report at one budget and seed. A run already finished in ``out`` (its
     report.json, same method, seed and budget) is reused and an interrupted search in
@@ -106,13 +108,13 @@ def _run(model: nn.Module, data: DataBundle, budget: str, method: str, seed: int
         if report is not None:
             return report
     if method == "search" and out is not None and (out / "tune").is_dir():
-        from .search.tune import search
+        from .search import search
         keep = ("finetune_epochs", "lr", "distill", "calib_images", "bn_batches", "progress", "device")
         return search(model, data, out=out, resume=True, **{k: v for k, v in kw.items() if k in keep}).report
     return prune(model, data, budget, method=method, seed=seed, out=out, **kw).report
 
 
-def _finished(path: Path, budget: str, method: str, seed: int) -> dict | None:
+def _finished(path: Path, budget: Budget, method: str, seed: int) -> dict | None:
     """The report in ``path`` if it is a finished run of (budget, method, seed); None if it is
     another run's, or unreadable (then one line says so on stderr, and the run is redone)."""
     try:
@@ -124,7 +126,7 @@ def _finished(path: Path, budget: str, method: str, seed: int) -> dict | None:
                    for w in report["widths"].values()):  # ...and the width plots
             raise TypeError("widths are not [kept, width] pairs")
         same = (report["method"], report["seed"], report["budget"]["spec"]) == \
-            (method, seed, str(Budget.parse(budget)))
+            (method, seed, str(budget))
     except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError, ZeroDivisionError):
         print(f"{Path(path.parent.parent.name, path.parent.name, path.name)} is unreadable; rerunning",
               file=sys.stderr)
@@ -132,13 +134,13 @@ def _finished(path: Path, budget: str, method: str, seed: int) -> dict | None:
     return report if same else None
 
 
-def _slug(budget: str) -> str:
-    return str(Budget.parse(budget)).replace("<=", "-").replace("%", "pct")
+def _slug(budget: "Budget | str") -> str:
+    return str(budget).replace("<=", "-").replace("%", "pct")
 
 
-def _row(budget: str, method: str, seed: int, report: dict) -> dict:
+def _row(budget: Budget, method: str, seed: int, report: dict) -> dict:
     pruned, base = report["pruned"], report["base"]
-    return {"budget": str(Budget.parse(budget)), "method": method, "seed": seed,
+    return {"budget": str(budget), "method": method, "seed": seed,
             "accuracy": pruned["accuracy"], "accuracy_adaptive_bn": pruned["accuracy_adaptive_bn"],
             "flops": pruned["flops"], "params": pruned["params"],
             "flops_ratio": pruned["flops"] / base["flops"], "latency_ms": pruned["latency_ms"],
@@ -190,7 +192,7 @@ def write_results(out: Path, results: dict) -> None:
         plot_width_comparison(per_method, out / f"widths_{_slug(budget)}.png", title=f"{budget}, seed {seed}")
 
 
-def proxy_fidelity(model: nn.Module, data: DataBundle, budget: str = "flops<=50%", n: int = 12,
+def proxy_fidelity(model: nn.Module, data: DataBundle, budget: "str | Budget" = "flops<=50%", n: int = 12,
                    space: "str | SearchSpace" = "generic", finetune_epochs: int = 5, seed: int = 0,
                    calib_images: int = 512, progress: bool = False) -> dict:
     """Kendall τ between the search's proxy scores and accuracy after the full fine-tune.
@@ -204,15 +206,16 @@ def proxy_fidelity(model: nn.Module, data: DataBundle, budget: str = "flops<=50%
     import optuna
 
     from .search import load
+    from .search.runner import driver_state
     from .search.space import Section
-    from .search.tune import Shared, build_structure, driver_state, evaluate_candidate
+    from .search.trial import Shared, build_structure, evaluate_candidate
 
     spec = space if isinstance(space, SearchSpace) else load(space)
     budget = Budget.parse(budget)
     device = evaluate.default_device()
     model = model.to(device).eval()
     units, scores, labels = driver_state(model, data, spec, budget, seed, calib_images, progress, device)
-    shared = Shared(model, units, spec, str(budget), scores, labels, data, seed)
+    shared = Shared(model, units, spec, budget, scores, labels, data, seed)
     bn_only = replace(shared, spec=replace(spec, proxy=Section({**spec.proxy, "finetune_steps": 0})))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .space import ROOT_TYPES, Space, _as_input_tuple
+from .layers import ROOT_TYPES, as_input_tuple
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def _analysis(model: nn.Module, example_input):
     model.eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        analysis = FlopCountAnalysis(model, _as_input_tuple(example_input))
+        analysis = FlopCountAnalysis(model, as_input_tuple(example_input))
         analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
         analysis.tracer_warnings("none")
         analysis.total()
@@ -90,8 +90,9 @@ class CostModel:
         return Cost(int(round(z @ self.q_flops @ z)), int(round(z @ self.q_params @ z)))
 
     @classmethod
-    def measure(cls, model: nn.Module, example_input, space: Space, graph) -> "CostModel":
-        """Measure every layer once with fvcore and assemble the quadratic forms."""
+    def measure(cls, model: nn.Module, example_input, space, graph) -> "CostModel":
+        """Measure every layer once with fvcore and assemble the quadratic forms of ``space``'s
+        units (a :class:`~autoprune.space.Space` being built from the dependency ``graph``)."""
         builder = _Builder(space, graph)
         analysis = _analysis(model, example_input)
         by_module = analysis.by_module()
@@ -127,7 +128,7 @@ def _residual_flops(model: nn.Module, by_mod_op: dict) -> dict[str, int]:
 class _Builder:
     """Accumulates each layer's contribution to the FLOPs and params quadratic forms."""
 
-    def __init__(self, space: Space, graph) -> None:
+    def __init__(self, space, graph) -> None:
         self.space = space
         self.graph = graph
         self.index = {u.name: i + 1 for i, u in enumerate(space.units)}

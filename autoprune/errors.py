@@ -33,6 +33,10 @@ class CriterionError(AutopruneError, ValueError):
     """Unknown criterion, a malformed mix, or too little calibration data for a criterion."""
 
 
+class OptionError(AutopruneError, ValueError):
+    """An option outside its choices (unknown method, greedy mode, clusters, a bad count)."""
+
+
 class SizeError(AutopruneError, ValueError):
     """A size or count too large to be sensible, or to fit in memory."""
 

@@ -23,7 +23,8 @@ from torch.utils.data import Dataset
 
 from .cost import fvcore_cost
 from .data import DataBundle, loader
-from .train import LossFn, _device_of, accuracy, cross_entropy, default_device, fit, sgd, sgd_steps
+from .errors import DataError, OptionError, short
+from .train import LossFn, accuracy, cross_entropy, default_device, device_of, fit, sgd, sgd_steps
 
 __all__ = ["Diverged", "accuracy", "adaptive_bn", "distillation_loss", "evaluate", "finetune",
            "latency", "proxy_finetune"]
@@ -55,8 +56,8 @@ def adaptive_bn(model: nn.Module, batches_or_dataset: DataBundle | Dataset | Ite
     ``model`` in eval mode. ``device=None`` runs where the model's parameters are.
     """
     if n_batches < 1:
-        raise ValueError(f"n_batches must be >= 1, got {n_batches}")
-    device = torch.device(device) if device is not None else _device_of(model)
+        raise OptionError(f"n_batches must be an integer >= 1, got {short(n_batches)}")
+    device = torch.device(device) if device is not None else device_of(model)
     norms = [m for m in model.modules()
              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     momenta = [m.momentum for m in norms]
@@ -82,16 +83,22 @@ def _batches(source: DataBundle | Dataset | Iterable, batch_size: int, seed: int
     if isinstance(source, DataBundle):
         source = source.train
     if isinstance(source, Dataset):
-        return _repeat(_shuffled(source, batch_size, seed))
+        return training_batches(source, batch_size, seed)
     return source
+
+
+def training_batches(dataset: Dataset, batch_size: int, seed: int) -> Iterator:
+    """Shuffled full batches of ``dataset``, repeated forever (a new shuffle each pass): the
+    stream :func:`proxy_finetune` trains on (the search's chunked fine-tune reads the same)."""
+    return _repeat(_shuffled(dataset, batch_size, seed))
 
 
 def _shuffled(dataset: Dataset, batch_size: int, seed: int):
     """A shuffled loader of full batches (a short last batch only if there is no full one)."""
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise OptionError(f"batch_size must be an integer >= 1, got {short(batch_size)}")
     if len(dataset) == 0:
-        raise ValueError("the dataset is empty; need at least one sample")
+        raise DataError("the dataset is empty; need at least one sample")
     return loader(dataset, batch_size=batch_size, shuffle=True, seed=seed,
                   drop_last=len(dataset) >= batch_size)
 
@@ -115,12 +122,12 @@ def proxy_finetune(model: nn.Module, data: DataBundle | Dataset, steps: int = 20
     weights (on the CPU). ``device=None`` means CUDA when available.
     """
     if steps < 1 or lr <= 0:
-        raise ValueError(f"need steps >= 1 and lr > 0, got steps={steps}, lr={lr}")
+        raise OptionError(f"need steps >= 1 and lr > 0, got steps={short(steps)}, lr={short(lr)}")
     dataset = data.train if isinstance(data, DataBundle) else data
     torch.manual_seed(seed)
     device = torch.device(device) if device is not None else default_device()
     model.to(device)
-    batches = itertools.islice(_repeat(_shuffled(dataset, batch_size, seed)), steps)
+    batches = itertools.islice(training_batches(dataset, batch_size, seed), steps)
     optimizer, schedule = sgd(model, lr, steps, momentum, weight_decay)
     _, last = sgd_steps(model, batches, optimizer, schedule, cross_entropy(), device,
                         diverged=Diverged)
@@ -144,8 +151,8 @@ def finetune(model: nn.Module, data: DataBundle, epochs: int, lr: float = 0.01, 
         loss_fn = cross_entropy(label_smoothing)
     else:
         if not 0.0 <= kd_alpha <= 1.0 or kd_temperature <= 0:
-            raise ValueError(f"need 0 <= kd_alpha <= 1 and kd_temperature > 0, got "
-                             f"kd_alpha={kd_alpha}, kd_temperature={kd_temperature}")
+            raise OptionError(f"need 0 <= kd_alpha <= 1 and kd_temperature > 0, got "
+                              f"kd_alpha={short(kd_alpha)}, kd_temperature={short(kd_temperature)}")
         loss_fn = _distill(teacher, kd_alpha, kd_temperature, label_smoothing)
     device = torch.device(device) if device is not None else default_device()
     was_training = teacher.training if teacher is not None else False
@@ -196,9 +203,9 @@ def latency(model: nn.Module, input_shape: tuple[int, ...], batch_size: int = 1,
     ``runs``, ``warmup``, ``threads`` and ``device``. The model's mode is restored.
     """
     if runs < 1 or warmup < 0 or batch_size < 1:
-        raise ValueError(f"need runs >= 1, warmup >= 0 and batch_size >= 1, got "
-                         f"runs={runs}, warmup={warmup}, batch_size={batch_size}")
-    device = torch.device(device) if device is not None else _device_of(model)
+        raise OptionError(f"need runs >= 1, warmup >= 0 and batch_size >= 1, got "
+                          f"runs={short(runs)}, warmup={short(warmup)}, batch_size={short(batch_size)}")
+    device = torch.device(device) if device is not None else device_of(model)
     old_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -234,14 +241,17 @@ def _timed_passes(model: nn.Module, x: torch.Tensor, warmup: int, runs: int) -> 
 
 
 def evaluate(model: nn.Module, data: DataBundle, input_shape: tuple[int, ...] | None = None,
-             latency_batch: int = 1, split: str = "test", **latency_kw: Any) -> dict:
-    """``accuracy`` (on ``data.<split>``), median ``latency_ms``, fvcore ``flops`` and ``params``.
+             latency_batch: int = 1, split: str = "test", device: Device = None, **latency_kw: Any) -> dict:
+    """``flops`` and ``params`` (fvcore), ``accuracy`` (on ``data.<split>``), median
+    ``latency_ms`` and the full ``latency`` measurement (:func:`latency`).
 
     FLOPs are counted for one input of ``input_shape`` (default ``data.input_shape``).
+    ``device=None`` measures where the model's parameters are.
     """
     shape = tuple(input_shape if input_shape is not None else data.input_shape)
-    example = torch.zeros((1, *shape), device=_device_of(model))
-    cost = fvcore_cost(model, example)
-    timing = latency(model, shape, batch_size=latency_batch, **latency_kw)
-    return {"accuracy": accuracy(model, getattr(data, split)), "latency_ms": timing["median_ms"],
-            "flops": cost.flops, "params": cost.params}
+    device = torch.device(device) if device is not None else device_of(model)
+    cost = fvcore_cost(model, torch.zeros((1, *shape), device=device))
+    timing = latency(model, shape, batch_size=latency_batch, device=device, **latency_kw)
+    return {"flops": cost.flops, "params": cost.params,
+            "accuracy": accuracy(model, getattr(data, split), device=device),
+            "latency_ms": timing["median_ms"], "latency": timing}

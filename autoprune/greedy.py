@@ -26,8 +26,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .budget import Budget, _fill
+from .budget import Budget, fill_widths
+from .errors import OptionError, short
 from .space import Space, Unit
+
+MODES = ("criterion", "accuracy")
+"""How a candidate step is ranked: criterion loss per FLOP saved, or validation accuracy."""
 
 
 @dataclass
@@ -107,10 +111,11 @@ def greedy_widths(space: Space, scores: Mapping[str, torch.Tensor], budget: "str
                   evaluator: "MaskedEvaluator | None" = None, recalibrate_every: int = 0,
                   progress: bool = True) -> GreedyResult:
     """Widths meeting ``budget`` chosen greedily, weakest step first (see module doc)."""
-    if mode not in ("criterion", "accuracy"):
-        raise ValueError(f"greedy mode must be 'criterion' or 'accuracy', got {mode!r}")
+    if mode not in MODES:
+        raise OptionError(f"unknown greedy mode {short(mode)}; choose one of {', '.join(MODES)}")
     if mode == "accuracy" and evaluator is None:
-        raise ValueError("greedy mode 'accuracy' needs an evaluator (model + validation data)")
+        raise OptionError("greedy mode 'accuracy' needs an evaluator (model + validation data); "
+                             "pass evaluator= or use mode 'criterion'")
     budget = Budget.parse(budget)
     target = budget.target(space)
     state = _State(space, scores, budget.kind)
@@ -135,7 +140,7 @@ def greedy_widths(space: Space, scores: Mapping[str, torch.Tensor], budget: "str
             evaluator.recalibrate(state.masks(state.widths))
     bar.close()
     wanted = np.array([state.widths[u.name] for u in space.units], dtype=float)
-    widths = _fill(space, state.widths, wanted, budget.kind, target)
+    widths = fill_widths(space, state.widths, wanted, budget.kind, target)
     return GreedyResult(widths, trajectory)
 
 

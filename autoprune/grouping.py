@@ -24,6 +24,8 @@ from typing import Mapping
 import numpy as np
 import torch
 
+from .errors import ModelError, OptionError, short
+
 __all__ = ["METHODS", "cluster", "importance_vectors", "kmeans", "kmeans_batched"]
 
 METHODS = ("hpse", "fchp", "sg")
@@ -123,7 +125,7 @@ def kmeans(x: torch.Tensor, k: int, seed: int = 0, iters: int = 50, restarts: in
     """
     x = torch.as_tensor(x).double()
     if x.dim() != 2:
-        raise ValueError(f"kmeans expects points as [n, d], got shape {tuple(x.shape)}")
+        raise OptionError(f"kmeans expects points as [n, d], got shape {tuple(x.shape)}")
     n = x.shape[0]
     if n == 0:
         return torch.zeros(0, dtype=torch.long), x.new_zeros(0, x.shape[1])
@@ -152,7 +154,7 @@ def _k_for(k, unit, default: int) -> int:
         k = k.get(unit.name)
     k = default if k is None else int(k)
     if k < 1:
-        raise ValueError(f"unit {unit.name}: cluster count must be >= 1, got {k}")
+        raise OptionError(f"unit {unit.name}: cluster count k must be an integer >= 1, got {short(k)}")
     return min(k, unit.width)
 
 
@@ -168,7 +170,7 @@ def importance_vectors(space, unit) -> torch.Tensor:
         if w.shape[0] == unit.width:
             parts.append(w.abs().flatten(2).sum(2) if w.dim() > 2 else w.abs())
     if not parts:
-        raise ValueError(f"sg: unit {unit.name} has no root layer with {unit.width} output channels")
+        raise ModelError(f"sg: unit {unit.name} has no root layer with {unit.width} output channels")
     return torch.cat(parts, 1)
 
 
@@ -178,7 +180,7 @@ def _hpse(space, stats, k) -> dict[str, np.ndarray]:
     for unit in space.units:
         votes = per_unit[unit.name]["votes"]
         if k is not None and _k_for(k, unit, votes.shape[1]) != votes.shape[1]:
-            raise ValueError(f"hpse: unit {unit.name} was calibrated with k={votes.shape[1]}; "
+            raise OptionError(f"hpse: unit {unit.name} was calibrated with k={votes.shape[1]}; "
                              f"the cluster count is fixed at calibration (criterion param 'k')")
         out[unit.name] = votes.argmax(1).cpu().numpy().astype(np.int64)  # ties: lower label
     return out
@@ -220,7 +222,7 @@ def cluster(method: str, space, stats=None, k: int | Mapping[str, int] | None = 
     it is capped at the unit's width.
     """
     if method in ("hpse", "fchp") and stats is None:
-        raise ValueError(f"cluster({method!r}) reads calibration stats: run "
+        raise OptionError(f"cluster({method!r}) reads calibration stats: run "
                          f"calibrate(..., criteria=[{method!r}]) and pass them")
     if method == "hpse":
         return _hpse(space, stats, k)
@@ -228,4 +230,4 @@ def cluster(method: str, space, stats=None, k: int | Mapping[str, int] | None = 
         return _fchp(space, stats, k, seed)
     if method == "sg":
         return _sg(space, k, seed, restarts)
-    raise ValueError(f"unknown clustering method {method!r} (available: {', '.join(METHODS)})")
+    raise OptionError(f"unknown clustering method {short(method)}; choose one of {', '.join(METHODS)}")

@@ -19,7 +19,7 @@ from torch import nn
 
 from . import models
 from .checkpoint import atomic_save, load_weights, read_checkpoint
-from .errors import CheckpointError, ModelError
+from .errors import CheckpointError, ModelError, OptionError
 from .selfgroup import apply_self_grouping
 from .criteria.magnitude import filter_norms
 from .space import Space, build_graph
@@ -156,7 +156,7 @@ def select(space: Space, widths: Mapping[str, int], scores: Mapping[str, torch.T
         if full[unit.name] == unit.width:
             continue
         if not unit.allowed(full[unit.name]):
-            raise ValueError(f"unit {unit.name}: width {full[unit.name]} is not a multiple of "
+            raise OptionError(f"unit {unit.name}: width {full[unit.name]} is not a multiple of "
                              f"{unit.step} in {unit.min_width}..{unit.width}")
         s = np.asarray(torch.as_tensor(scores[unit.name]).double().cpu())
         lab = None if clusters is None or unit.name not in clusters else np.asarray(clusters[unit.name])

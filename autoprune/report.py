@@ -100,7 +100,7 @@ def plot_pareto(rows: Sequence[dict], path: str | Path, title: str = "") -> None
     if early:
         ax.scatter([r["flops"] for r in early], [r["proxy_score"] for r in early], color="#c8c8c8",
                    marker="x", s=16, label="stopped early (lower fidelity)")
-    from .search.tune import pareto_front
+    from .search.trials import pareto_front
 
     front = pareto_front(rows)
     ax.plot([r["flops"] for r in front], [r["proxy_score"] for r in front], "o-", color="#3b75af",

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ModelError
+from .errors import ModelError, OptionError, short
 from .grouping import kmeans
 from .space import forward_with_hooks
 
@@ -230,7 +230,7 @@ def connection_threshold(centroids: np.ndarray, sizes: Iterable[int], cp: float)
     """``τ``: the ``cp``-th percentile (``cp`` in [0, 1], numpy's linear interpolation) of
     all centroid entries, centroid ``g``'s entries counted ``sizes[g]`` times."""
     if not 0.0 <= cp <= 1.0:
-        raise ValueError(f"cp must be a fraction in [0, 1] (e.g. 0.5), got {cp}")
+        raise OptionError(f"cp must be a fraction in [0, 1] (e.g. 0.5), got {short(cp)}")
     c = np.asarray(centroids, dtype=np.float64)
     weighted = np.repeat(c, np.asarray(list(sizes), dtype=int), axis=0)
     return float(np.percentile(weighted.ravel(), 100.0 * cp))
@@ -257,7 +257,7 @@ def self_group_entry(conv: nn.Conv2d, k: int = 16, cp: float = 0.5, seed: int = 
     if not isinstance(conv, nn.Conv2d) or conv.groups != 1:
         raise ModelError(f"self-grouping needs a dense nn.Conv2d (groups=1), got {conv}")
     if int(k) < 1:
-        raise ValueError(f"k must be at least 1, got {k}")
+        raise OptionError(f"k (filter groups) must be an integer >= 1, got {short(k)}")
     v = importance_vectors(conv)
     labels, _ = kmeans(torch.from_numpy(v), min(int(k), conv.out_channels), seed=seed,
                        restarts=restarts)
@@ -308,7 +308,7 @@ def eligible_convs(model: nn.Module, min_in_channels: int = 8,
 def _per_conv(value, name: str, what: str):
     if isinstance(value, Mapping):
         if name not in value:
-            raise ValueError(f"{what} given per conv but missing for {name!r}")
+            raise OptionError(f"{what} given per conv but missing for {name!r}; give it for every conv or one value for all")
         return value[name]
     return value
 

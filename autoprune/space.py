@@ -18,9 +18,9 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from .errors import ModelError
-
-ROOT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+from .cost import CostModel
+from .errors import ModelError, OptionError, short
+from .layers import NORM_TYPES, ROOT_TYPES, as_input_tuple, leaf_modules
 
 
 @dataclass(frozen=True)
@@ -56,14 +56,6 @@ class Unit:
         return max(self.min_width, int(math.floor(kept / self.step + 1e-9)) * self.step)
 
 
-def _as_input_tuple(example_input: torch.Tensor | tuple) -> tuple:
-    return example_input if isinstance(example_input, tuple) else (example_input,)
-
-
-def _leaf_modules(model: nn.Module) -> dict[str, nn.Module]:
-    return {n: m for n, m in model.named_modules() if not list(m.children())}
-
-
 def forward_with_hooks(model: nn.Module, example_input: torch.Tensor | tuple,
                        hooks: dict[nn.Module, object]) -> None:
     """One no-grad eval-mode forward pass with forward ``hooks`` attached; the model's
@@ -72,7 +64,7 @@ def forward_with_hooks(model: nn.Module, example_input: torch.Tensor | tuple,
     was_training = model.training
     try:
         with torch.no_grad():
-            model.eval()(*_as_input_tuple(example_input))
+            model.eval()(*as_input_tuple(example_input))
     finally:
         model.train(was_training)
         for h in handles:
@@ -111,7 +103,7 @@ def build_graph(model: nn.Module, example_input: torch.Tensor | tuple) -> tp.Dep
                 leaf_outputs[output.grad_fn] = (name, int(output.shape[1]))
         return hook
 
-    hooks = [m.register_forward_hook(note(n)) for n, m in _leaf_modules(model).items()]
+    hooks = [m.register_forward_hook(note(n)) for n, m in leaf_modules(model).items()]
     running: list[str] = []  # modules whose forward has started and not returned
     failed: list[str] = []   # ``running`` when a first forward attempt broke off (TP then retries)
 
@@ -133,7 +125,7 @@ def build_graph(model: nn.Module, example_input: torch.Tensor | tuple) -> tp.Dep
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             graph = tp.DependencyGraph().build_dependency(
-                model, example_inputs=_as_input_tuple(example_input), verbose=False)
+                model, example_inputs=as_input_tuple(example_input), verbose=False)
     except Exception as exc:  # noqa: BLE001 - re-raised with the model and module named
         if _interrupted(exc):  # Ctrl-C in the first forward; Torch-Pruning's retry hid it
             raise KeyboardInterrupt from None
@@ -181,13 +173,12 @@ class Space:
                  ignored: list[str] | None = None) -> None:
         self.model = model
         self.example_input = example_input
-        self.input_shape = tuple(_as_input_tuple(example_input)[0].shape)
+        self.input_shape = tuple(as_input_tuple(example_input)[0].shape)
         self.ignored = list(ignored or []) + output_layers(model, example_input)
         graph = build_graph(model, example_input)
         self.units, self.maps = _units_and_maps(model, graph, self.ignored, min_width, round_to or 1)
         self._check_units(model)
         self._by_name = {u.name: u for u in self.units}
-        from .cost import CostModel  # local import: cost.py imports this module
         self.cost_model = CostModel.measure(model, example_input, self, graph)
 
     def __getstate__(self) -> dict:
@@ -243,7 +234,7 @@ class Space:
         for name, kept in widths.items():
             unit = self.unit(name)
             if not 1 <= int(kept) <= unit.width:
-                raise ValueError(f"unit {name}: kept width {kept} outside 1..{unit.width}")
+                raise OptionError(f"unit {name}: kept width {short(kept)} outside 1..{unit.width}")
             out[name] = int(kept)
         return out
 
@@ -258,9 +249,6 @@ def _channel_groups(module: nn.Module) -> int:
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and 1 < module.groups < module.in_channels:
         return module.groups
     return 1
-
-
-NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)
 
 
 def _units_and_maps(model: nn.Module, graph: tp.DependencyGraph, ignored: list[str],

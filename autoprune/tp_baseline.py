@@ -18,6 +18,7 @@ import torch
 import torch_pruning as tp
 
 from .budget import Budget
+from .errors import BudgetError
 from .plan import Plan
 from .space import Space
 
@@ -64,7 +65,8 @@ def tp_global_plan(space: Space, budget: "str | Budget", p: int = 2, iters: int 
     lo, hi = 0.0, 0.95
     best = _removed(space, hi, p)
     if getattr(space.cost(_widths(space, best)), budget.kind) > target:
-        raise ValueError(f"Torch-Pruning global pruning cannot reach {budget} even at ratio {hi}")
+        raise BudgetError(f"budget {budget} cannot be met by Torch-Pruning's global pruning even at channel "
+                          f"ratio {hi}; use a looser budget or another method")
     for _ in range(iters):
         mid = (lo + hi) / 2
         removed = _removed(space, mid, p)

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from .data import DataBundle, loader
-from .errors import AutopruneError
+from .errors import AutopruneError, OptionError, short
 
 
 class TrainingError(AutopruneError, RuntimeError):
@@ -34,7 +34,8 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _device_of(model: nn.Module) -> torch.device:
+def device_of(model: nn.Module) -> torch.device:
+    """Where ``model``'s parameters are (the default device for a model without any)."""
     param = next(model.parameters(), None)
     return param.device if param is not None else default_device()
 
@@ -47,7 +48,7 @@ def accuracy(model: nn.Module, dataset: Dataset, batch_size: int = 256,
     ``device=None`` evaluates where the model's parameters already are; the model's
     train/eval mode is restored afterwards.
     """
-    device = torch.device(device) if device is not None else _device_of(model)
+    device = torch.device(device) if device is not None else device_of(model)
     was_training = model.training
     model.to(device).eval()
     correct = total = 0
@@ -90,8 +91,8 @@ def fit(model: nn.Module, data: DataBundle, epochs: int, loss_fn: LossFn, lr: fl
         device: torch.device | str | None = None, progress: bool = True) -> dict:
     """Epochs of :func:`sgd` minimising ``loss_fn(model, images, labels)``; history as :func:`train`."""
     if epochs < 1 or batch_size < 1 or not 0 < lr <= MAX_LR:
-        raise ValueError(f"need epochs >= 1, batch_size >= 1 and 0 < lr <= {MAX_LR:g}, got "
-                         f"epochs={epochs}, batch_size={batch_size}, lr={lr}")
+        raise OptionError(f"need epochs >= 1, batch_size >= 1 and 0 < lr <= {MAX_LR:g}, got "
+                          f"epochs={short(epochs)}, batch_size={short(batch_size)}, lr={short(lr)}")
     torch.manual_seed(seed)
     device = torch.device(device) if device is not None else default_device()
     model.to(device)

@@ -20,9 +20,9 @@ import math
 import numpy as np
 import torch
 
-from .budget import Budget, _human
+from .budget import Budget, human
 from .criteria.wsp import min_rank_score, saliency, weak_channels
-from .errors import BudgetError
+from .errors import BudgetError, OptionError, short
 from .plan import Plan, select
 
 BISECTION_STEPS = 50
@@ -65,8 +65,8 @@ def _search(space, sal, budget: Budget) -> float:
         base = getattr(space.cost(), budget.kind)
         raise BudgetError(
             f"budget {budget} cannot be met by WSP: even with p=100 (every channel weak except "
-            f"each unit's strongest by f or b) {budget.kind} is {_human(top)} ({top / base:.1%} of "
-            f"{_human(base)}) > target {_human(target)}; use a looser budget or another method")
+            f"each unit's strongest by f or b) {budget.kind} is {human(top)} ({top / base:.1%} of "
+            f"{human(base)}) > target {human(target)}; use a looser budget or another method")
     lo, hi = 0.0, 100.0  # cost(lo) > target >= cost(hi)
     for _ in range(BISECTION_STEPS):
         mid = (lo + hi) / 2
@@ -79,10 +79,10 @@ def _resolve(space, stats, p, budget, variant):
     sal = saliency(space, stats, variant)
     if budget is not None:
         if p is not None:
-            raise ValueError("wsp: give a percentile p or a budget (which chooses p), not both")
+            raise OptionError(f"wsp: give a percentile p or a budget (which chooses p), not both (got p={short(p)})")
         return _search(space, sal, Budget.parse(budget)), sal
     if p is None:
-        raise ValueError("wsp: give a percentile p (0..100) or a budget")
+        raise OptionError("wsp: give a percentile p (0..100) or a budget (e.g. budget=\"flops<=50%\")")
     return float(p), sal
 
 

@@ -33,7 +33,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 import torch  # noqa: E402
 
 import autoprune as ap  # noqa: E402
-from autoprune.search.tune import search  # noqa: E402
+from autoprune.search.runner import search  # noqa: E402
 from autoprune.train import train  # noqa: E402
 
 

@@ -106,8 +106,8 @@ def test_compare_resumes_an_interrupted_search(trained, tmp_path, monkeypatch):
     """A search run folder holding a Tune experiment but no report is resumed, not restarted."""
     import importlib
 
-    from autoprune.prune import Result
-    tune = importlib.import_module("autoprune.search.tune")
+    from autoprune.pipeline import Result
+    search_package = importlib.import_module("autoprune.search")
     model, data = trained
     calls = []
 
@@ -115,7 +115,7 @@ def test_compare_resumes_an_interrupted_search(trained, tmp_path, monkeypatch):
         calls.append(kw)
         report = json.loads(json.dumps(FAKE_REPORT))
         return Result(model, None, report)
-    monkeypatch.setattr(tune, "search", fake_search)
+    monkeypatch.setattr(search_package, "search", fake_search)
     run = tmp_path / "runs" / "flops-50pct-search-s0"
     (run / "tune").mkdir(parents=True)
     results = compare(model, data, budgets=("flops<=50%",), methods=("search",), seeds=(0,),

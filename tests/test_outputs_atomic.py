@@ -212,7 +212,7 @@ def test_write_outputs_writes_one_set_and_says_what_it_replaced(tmp_path, caplog
     import torch
 
     import autoprune as ap
-    from autoprune.prune import write_outputs
+    from autoprune.pipeline import write_outputs
 
     model = ap.models.create("resnet20", num_classes=10)
     space = ap.Space(model, torch.randn(1, 3, 8, 8))

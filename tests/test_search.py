@@ -22,8 +22,13 @@ import autoprune as ap
 from autoprune import checkpoint, cli
 from autoprune.evaluate import proxy_finetune
 from autoprune.prune import prune
-from autoprune.search import tune as st
+from autoprune.search.ray_tune import finished_result, resources
+from autoprune.search.runner import search
+from autoprune.search.searcher import OptunaSearcher
 from autoprune.search.space import SearchSpace, Section, load
+from autoprune.search.trial import PENALTY, Shared, _chunked_proxy_finetune, evaluate_candidate, rungs
+from autoprune.search.trials import (STATES, best_trial, importances, pareto_front, rebuild_study, trial_fields,
+                                     trial_row)
 
 TINY = """\
 ratios:
@@ -47,27 +52,27 @@ def tiny(tmp_path):
 def _shared(model, data, spec, budget="flops<=50%"):
     space = ap.Space(model, torch.zeros(1, *data.input_shape))
     scores = {c: ap.criteria.score(c, space) for c in spec.criteria}
-    return st.Shared(model, space, spec, budget, scores, None, data, seed=0)
+    return Shared(model, space, spec, budget, scores, None, data, seed=0)
 
 
 # --------------------------------------------------------------------------- fast: pure parts
 
 
 def test_penalty_is_finite_and_below_every_accuracy():
-    assert math.isfinite(st.PENALTY) and st.PENALTY < 0.0
+    assert math.isfinite(PENALTY) and PENALTY < 0.0
 
 
 def test_rungs_follow_asha_milestones():
-    assert st.rungs(None, 50) == [50]
-    assert st.rungs({"grace_period": 1, "reduction_factor": 4}, 50) == [1, 4, 16, 50]
-    assert st.rungs({"grace_period": 2, "reduction_factor": 2}, 8) == [2, 4, 8]
-    assert st.rungs({"grace_period": 3, "reduction_factor": 1.5}, 10) == [3, 5, 7, 10]
-    assert st.rungs({"grace_period": 1, "reduction_factor": 4}, 0) == [0]
+    assert rungs(None, 50) == [50]
+    assert rungs({"grace_period": 1, "reduction_factor": 4}, 50) == [1, 4, 16, 50]
+    assert rungs({"grace_period": 2, "reduction_factor": 2}, 8) == [2, 4, 8]
+    assert rungs({"grace_period": 3, "reduction_factor": 1.5}, 10) == [3, 5, 7, 10]
+    assert rungs({"grace_period": 1, "reduction_factor": 4}, 0) == [0]
 
 
 def _row(tid, number, metrics, error=None, config=None):
     cfg = {"ratio": {"layer1": 0.1 * number, "layer2": 0.2}, "_number": number} if config is None else config
-    return st.trial_row(tid, cfg, metrics, error)
+    return trial_row(tid, cfg, metrics, error)
 
 
 def test_trial_row_states_and_flat_config():
@@ -76,11 +81,11 @@ def test_trial_row_states_and_flat_config():
     assert row["state"] == "COMPLETE" and row["number"] == 3 and row["node"] == "n1"
     assert row["config"] == {"ratio/layer1": pytest.approx(0.3), "ratio/layer2": 0.2}  # flat, no _number
     assert _row("b", 1, {**done, "final": False})["state"] == "PRUNED"
-    fail = _row("c", 2, {**done, "proxy_score": st.PENALTY, "diverged": True, "error": "diverged"})
-    assert fail["state"] == "FAIL" and fail["proxy_score"] == st.PENALTY and fail["error"]
+    fail = _row("c", 2, {**done, "proxy_score": PENALTY, "diverged": True, "error": "diverged"})
+    assert fail["state"] == "FAIL" and fail["proxy_score"] == PENALTY and fail["error"]
     assert _row("d", 4, {}, error="RayActorError: died")["state"] == "ERROR"
     assert _row("e", 5, {})["state"] == "INCOMPLETE"
-    assert set(st.STATES) >= {r["state"] for r in (row, fail)}
+    assert set(STATES) >= {r["state"] for r in (row, fail)}
 
 
 def test_seed_marking_best_and_schema():
@@ -88,11 +93,11 @@ def test_seed_marking_best_and_schema():
     rows = [_row("t2", 2, {**ok, "proxy_score": 0.9, "node": "m"}),
             _row("t0", 0, {**ok, "proxy_score": 0.5}),
             _row("t1", 1, {**ok, "proxy_score": 0.6}),
-            _row("t3", 3, {**ok, "proxy_score": st.PENALTY, "diverged": True}),
+            _row("t3", 3, {**ok, "proxy_score": PENALTY, "diverged": True}),
             _row("t4", 4, {**ok, "proxy_score": 0.95, "final": False})]
     seeds = {"uniform": {"ratio/layer1": 0.0, "ratio/layer2": 0.2},
              "greedy": {"ratio/layer1": 0.1, "ratio/layer2": 0.2}}
-    fields_ = st.trial_fields(rows, seeds)
+    fields_ = trial_fields(rows, seeds)
     table = fields_["trials"]
     assert [r["number"] for r in table] == [0, 1, 2, 3, 4]
     assert [r.get("seed_of") for r in table] == ["uniform", "greedy", None, None, None]
@@ -104,14 +109,14 @@ def test_seed_marking_best_and_schema():
     for r in table:
         assert {"number", "state", "flops", "params", "proxy_score", "node", "config"} <= set(r)
     json.dumps(fields_)  # report.json-ready
-    assert st.best_trial([r for r in table if r["state"] != "COMPLETE"]) is None
+    assert best_trial([r for r in table if r["state"] != "COMPLETE"]) is None
 
 
 def test_pareto_front():
     ok = {"final": True, "diverged": False, "params": 1, "node": "n"}
     rows = [_row(f"t{i}", i, {**ok, "proxy_score": s, "flops": f})
             for i, (s, f) in enumerate([(0.9, 100), (0.8, 50), (0.85, 120), (0.7, 40), (0.8, 60)])]
-    assert [r["number"] for r in st.pareto_front(rows)] == [3, 1, 0]
+    assert [r["number"] for r in pareto_front(rows)] == [3, 1, 0]
 
 
 def test_searcher_tells_optuna_only_final_scores():
@@ -119,19 +124,19 @@ def test_searcher_tells_optuna_only_final_scores():
     def define(trial):
         trial.suggest_float("x", 0, 1)
 
-    searcher = st.OptunaSearcher(space=define, metric="proxy_score",
+    searcher = OptunaSearcher(space=define, metric="proxy_score",
                                  mode="max", sampler=optuna.samplers.RandomSampler, seed=0)
     configs = {tid: searcher.suggest(tid) for tid in ("a", "b", "c")}
     assert [configs[t]["_number"] for t in "abc"] == [0, 1, 2]
     searcher.on_trial_result("a", {"proxy_score": 0.9, "training_iteration": 1})
     searcher.on_trial_complete("a", {"proxy_score": 0.9, "final": False})  # stopped by ASHA
-    searcher.on_trial_complete("b", {"proxy_score": st.PENALTY, "final": True, "diverged": True})
+    searcher.on_trial_complete("b", {"proxy_score": PENALTY, "final": True, "diverged": True})
     searcher.on_trial_complete("c", {"proxy_score": 0.4, "final": True})
     trials = searcher.study.trials
     State = optuna.trial.TrialState
     assert [t.state for t in trials] == [State.PRUNED, State.COMPLETE, State.COMPLETE]
     assert trials[0].intermediate_values == {1: 0.9}  # Optuna keeps it as a pruned (partial) score
-    assert trials[1].value == st.PENALTY and trials[1].user_attrs == {"diverged": True}
+    assert trials[1].value == PENALTY and trials[1].user_attrs == {"diverged": True}
     assert searcher.study.best_trial.number == 2  # 0.4 final beats the truncated 0.9
 
 
@@ -142,7 +147,7 @@ def _define_x(trial):
 def _searcher(max_trials=None, points=()):
     import optuna
 
-    return st.OptunaSearcher(space=_define_x, metric="proxy_score", mode="max", max_trials=max_trials,
+    return OptunaSearcher(space=_define_x, metric="proxy_score", mode="max", max_trials=max_trials,
                              points_to_evaluate=[dict(p) for p in points],
                              sampler=optuna.samplers.RandomSampler, seed=0)
 
@@ -213,11 +218,11 @@ def test_rebuilt_study_importances(tiny, trained):
     rows = []
     for i in range(6):
         config = {n: 0.1 * ((i + j) % 5) for j, n in enumerate(names)}
-        rows.append(st.trial_row(f"t{i}", config, {"proxy_score": 0.5 + 0.05 * i, "final": True,
+        rows.append(trial_row(f"t{i}", config, {"proxy_score": 0.5 + 0.05 * i, "final": True,
                                                      "flops": 1, "params": 1}))
-    study = st.rebuild_study(rows, spec, space)
+    study = rebuild_study(rows, spec, space)
     assert len(study.trials) == 6 and set(study.trials[0].params) == set(names)
-    imp, why = st.importances(rows, spec, space)
+    imp, why = importances(rows, spec, space)
     assert why == "" and set(imp) == set(names) and sum(imp.values()) == pytest.approx(1.0)
 
 
@@ -227,26 +232,26 @@ def test_evaluate_candidate_meets_budget_and_penalises_divergence(tiny, trained)
     shared = _shared(model, data, spec)
     space = shared.space
     params = spec.params_for({u.name: 0.5 for u in space.units}, space)
-    m = st.evaluate_candidate(shared, params, device="cpu")
+    m = evaluate_candidate(shared, params, device="cpu")
     target = ap.Budget.parse("flops<=50%").target(space)
     assert m["flops"] <= target and m["final"] and not m["diverged"]
     assert 0.0 <= m["proxy_score"] <= 1.0 and m["proxy_steps"] == 5
     assert m["time_trial_s"] >= m["time_compute_s"] > 0
     spec.proxy = Section({**spec.proxy, "lr": 1e12})
-    bad = st.evaluate_candidate(shared, params, device="cpu")
-    assert bad["diverged"] and bad["final"] and bad["proxy_score"] == st.PENALTY and bad["error"]
+    bad = evaluate_candidate(shared, params, device="cpu")
+    assert bad["diverged"] and bad["final"] and bad["proxy_score"] == PENALTY and bad["error"]
 
 
 def test_finished_trial_result_is_found_for_replay(tmp_path):
     trial = tmp_path / "trial_abc"
     trial.mkdir()
-    assert st._finished_result(str(tmp_path), "abc") is None
+    assert finished_result(str(tmp_path), "abc") is None
     lines = [{"proxy_score": 0.3, "final": False, "proxy_steps": 1, "trial_id": "abc"},
              {"proxy_score": 0.7, "final": True, "proxy_steps": 4, "flops": 9, "config": {"x": 1}}]
     (trial / "result.json").write_text("\n".join(json.dumps(x) for x in lines) + "\n{truncated")
-    assert st._finished_result(str(tmp_path), "abc") == {"proxy_score": 0.7, "final": True,
+    assert finished_result(str(tmp_path), "abc") == {"proxy_score": 0.7, "final": True,
                                                          "proxy_steps": 4, "flops": 9}
-    assert st._finished_result(None, "abc") is None
+    assert finished_result(None, "abc") is None
 
 
 def test_chunked_proxy_finetune_equals_one_run(trained):
@@ -255,7 +260,7 @@ def test_chunked_proxy_finetune_equals_one_run(trained):
     plan = ap.select(space, space.fit({u.name: 0.5 for u in space.units}, "flops<=60%"))
     a, b = plan.apply(model), plan.apply(model)
     proxy_finetune(a, data.train, steps=6, lr=0.05, seed=3, device="cpu")
-    assert list(st._chunked_proxy_finetune(b, data.train, [1, 3, 6], 0.05, 3, "cpu")) == [1, 3, 6]
+    assert list(_chunked_proxy_finetune(b, data.train, [1, 3, 6], 0.05, 3, "cpu")) == [1, 3, 6]
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(p, q), name
 
@@ -338,7 +343,7 @@ def test_search_two_node_cluster(tiny, trained, tmp_path):
         cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
         address = cluster.address
-        result = st.search(model, data, "flops<=50%", space=tiny, trials=6, workers=2,
+        result = search(model, data, "flops<=50%", space=tiny, trials=6, workers=2,
                            address=address, finetune_epochs=0, out=tmp_path / "run", progress=False)
     finally:
         ray.shutdown()
@@ -504,14 +509,14 @@ def test_diverged_trial_is_penalised_and_crashed_worker_retried(tiny, trained, t
     faulty.marker = str(tmp_path / "crashed")
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     try:
-        result = st.search(model, data, "flops<=50%", space=faulty, trials=6, workers=2,
+        result = search(model, data, "flops<=50%", space=faulty, trials=6, workers=2,
                            finetune_epochs=0, out=tmp_path / "run", progress=False)
     finally:
         cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
     rows = {r["number"]: r for r in result.report["trials"]}
     assert sorted(rows) == list(range(6))
     failed = rows[FaultySpace.diverge]
-    assert failed["state"] == "FAIL" and failed["proxy_score"] == st.PENALTY and "diverged" in failed["error"]
+    assert failed["state"] == "FAIL" and failed["proxy_score"] == PENALTY and "diverged" in failed["error"]
     assert Path(faulty.marker).exists()  # trial 3's first worker died ...
     assert rows[FaultySpace.crash]["state"] in ("COMPLETE", "PRUNED")  # ... and the retry finished it
     assert all(r["state"] in ("COMPLETE", "PRUNED", "FAIL") for r in rows.values())
@@ -523,10 +528,10 @@ def test_diverged_trial_is_penalised_and_crashed_worker_retried(tiny, trained, t
 
 
 def test_trials_request_fractional_gpus_only_where_present():
-    assert st._resources(2, 1, gpus=True) == {"cpu": 1, "gpu": 0.5}
-    assert st._resources(4, 2, gpus=True) == {"cpu": 2, "gpu": 0.25}
-    assert st._resources(1, 1, gpus=True) == {"cpu": 1, "gpu": 1.0}
-    assert st._resources(2, 1, gpus=False) == {"cpu": 1, "gpu": 0.0}
+    assert resources(2, 1, gpus=True) == {"cpu": 1, "gpu": 0.5}
+    assert resources(4, 2, gpus=True) == {"cpu": 2, "gpu": 0.25}
+    assert resources(1, 1, gpus=True) == {"cpu": 1, "gpu": 1.0}
+    assert resources(2, 1, gpus=False) == {"cpu": 1, "gpu": 0.0}
 
 
 @pytest.mark.slow
@@ -536,13 +541,13 @@ def test_multi_objective_search_draws_a_pareto_front(tiny, trained, tmp_path):
                                  "sampler: {name: nsga2, population_size: 4}")
                     + "objective: accuracy_flops\nbudget_scale: [0.5, 1.0]\n")
     out = tmp_path / "run"
-    report = st.search(model, data, "flops<=50%", space=tiny, trials=6, workers=2, finetune_epochs=0,
+    report = search(model, data, "flops<=50%", space=tiny, trials=6, workers=2, finetune_epochs=0,
                        out=out, progress=False).report
     rows = report["trials"]
     target = report["budget"]["target"]
     assert len(rows) == 6 and all(r["flops"] <= target for r in rows)
     assert len({r["flops"] for r in rows}) >= 3  # the budget fraction is searched too
-    front = st.pareto_front(rows)
+    front = pareto_front(rows)
     for r in front:  # no complete trial beats a front member on both objectives
         assert not any(o["proxy_score"] >= r["proxy_score"] and o["flops"] < r["flops"]
                        for o in rows if o["state"] == "COMPLETE")

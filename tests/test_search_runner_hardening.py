@@ -12,14 +12,16 @@ import signal
 from pathlib import Path
 
 import pytest
+from test_search import tiny  # noqa: F401
 
 from autoprune import checkpoint, cli
 from autoprune.budget import Budget
 from autoprune.errors import AutopruneError
-from autoprune.search import tune as st
+from autoprune.search.ray_tune import finished_result, ray_session, sigint_watch, tune_snapshot, tune_state_problem
+from autoprune.search.runner import SETTINGS_FILE, TUNE_DIR, _record, _Run, _settings, search
+from autoprune.search.searcher import OptunaSearcher, read_searcher_state
 from autoprune.search.space import load
-
-from test_search import tiny  # noqa: F401
+from autoprune.search.trial import PENALTY
 
 
 def _define(trial):
@@ -31,7 +33,7 @@ def _searcher(sampler=None, points=(), max_trials=None, multi=False):
     import optuna
 
     metric, mode = (["proxy_score", "flops"], ["max", "min"]) if multi else ("proxy_score", "max")
-    return st.OptunaSearcher(space=_define, metric=metric, mode=mode, seed=0, max_trials=max_trials,
+    return OptunaSearcher(space=_define, metric=metric, mode=mode, seed=0, max_trials=max_trials,
                              points_to_evaluate=[dict(p) for p in points],
                              sampler=sampler or optuna.samplers.RandomSampler)
 
@@ -57,7 +59,7 @@ def test_searcher_pickles_with_a_sampler_holding_a_lock():
     configs = [searcher.suggest(t) for t in "abc"]
     assert configs[0] == {"ratio": {"x": 0.25}, "k": {"y": 4}, "_number": 0}
     searcher.on_trial_complete("a", {"proxy_score": 0.5, "flops": 10, "final": True})
-    searcher.on_trial_complete("b", {"proxy_score": st.PENALTY, "flops": 7, "final": True, "diverged": True})
+    searcher.on_trial_complete("b", {"proxy_score": PENALTY, "flops": 7, "final": True, "diverged": True})
     again = pickle.loads(pickle.dumps(searcher))
     assert _summary(again) == _summary(searcher)
     assert [t.state.name for t in again.study.trials] == ["COMPLETE", "COMPLETE", "RUNNING"]
@@ -106,7 +108,7 @@ def test_restart_hands_out_every_trial_again_in_order(tmp_path):
     configs = {t: searcher.suggest(t) for t in "abc"}
     searcher.on_trial_complete("a", {"proxy_score": 0.4, "final": True})
     searcher.save(str(tmp_path / "s.pkl"))
-    state = st._read_searcher_state(tmp_path / "s.pkl")
+    state = read_searcher_state(tmp_path / "s.pkl")
     fresh = _searcher(points=[{"ratio/x": 0.1, "k/y": 2}], max_trials=4)
     fresh.restart(state)
     assert [fresh.suggest(t) for t in "xyz"] == [configs[t] for t in "abc"]  # new Tune ids, same trials
@@ -121,11 +123,11 @@ def test_a_trial_handed_out_again_replays_the_result_saved_for_its_number(tmp_pa
     old.mkdir()
     row = {"proxy_score": 0.7, "final": True, "proxy_steps": 4, "number": 3, "config": config}
     (old / "result.json").write_text(json.dumps(row) + "\n")
-    assert st._finished_result(str(tmp_path), "new", config) == {"proxy_score": 0.7, "final": True,
+    assert finished_result(str(tmp_path), "new", config) == {"proxy_score": 0.7, "final": True,
                                                                  "proxy_steps": 4, "number": 3}
-    assert st._finished_result(str(tmp_path), "new", {"ratio": {"x": 0.6}, "_number": 3}) is None
-    assert st._finished_result(str(tmp_path), "new", {"ratio": {"x": 0.5}, "_number": 4}) is None
-    assert st._finished_result(str(tmp_path), "new") is None  # without a config: its own folder only
+    assert finished_result(str(tmp_path), "new", {"ratio": {"x": 0.6}, "_number": 3}) is None
+    assert finished_result(str(tmp_path), "new", {"ratio": {"x": 0.5}, "_number": 4}) is None
+    assert finished_result(str(tmp_path), "new") is None  # without a config: its own folder only
 
 
 # --------------------------------------------------------------------------- driver helpers
@@ -136,16 +138,16 @@ def test_tune_state_problem_moves_a_torn_or_empty_state_aside(tmp_path):
     good = {"trial_data": [[trial, json.dumps({"last_result": {"proxy_score": 0.5}})]]}
     path = tmp_path / "experiment_state-2020-01-01_00-00-00.json"
     path.write_text(json.dumps(good))
-    assert st._tune_state_problem(tmp_path) is None
-    assert st._tune_snapshot(tmp_path)["t1"]["status"] == "TERMINATED"
+    assert tune_state_problem(tmp_path) is None
+    assert tune_snapshot(tmp_path)["t1"]["status"] == "TERMINATED"
     text = path.read_text()
     path.write_text(text[: len(text) // 2])  # the driver died while Tune wrote it
-    problem = st._tune_state_problem(tmp_path)
+    problem = tune_state_problem(tmp_path)
     assert "truncated" in problem and not path.exists()
-    assert (tmp_path / (path.name + ".unusable")).exists() and st._tune_snapshot(tmp_path) is None
+    assert (tmp_path / (path.name + ".unusable")).exists() and tune_snapshot(tmp_path) is None
     path.write_text(json.dumps({"trial_data": []}))
-    assert "records no trial" in st._tune_state_problem(tmp_path)
-    assert "holds no Tune experiment state" in st._tune_state_problem(tmp_path)
+    assert "records no trial" in tune_state_problem(tmp_path)
+    assert "holds no Tune experiment state" in tune_state_problem(tmp_path)
 
 
 def test_sigint_watch_tells_a_real_ctrl_c_from_an_early_end():
@@ -158,11 +160,11 @@ def test_sigint_watch_tells_a_real_ctrl_c_from_an_early_end():
 
     before = signal.getsignal(signal.SIGINT)
     for send in (False, True):
-        with st._sigint_watch() as interrupted:
+        with sigint_watch() as interrupted:
             tune_like_fit(send)
             assert interrupted() is send
         assert signal.getsignal(signal.SIGINT) is before
-    with pytest.raises(KeyboardInterrupt), st._sigint_watch() as interrupted:  # reaching ours: as before
+    with pytest.raises(KeyboardInterrupt), sigint_watch() as interrupted:  # reaching ours: as before
         try:
             os.kill(os.getpid(), signal.SIGINT)
         finally:
@@ -178,7 +180,7 @@ def test_local_ray_is_its_own(monkeypatch):
     monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
     monkeypatch.setattr(ray, "shutdown", lambda: calls.append("shutdown"))
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
-    with st._ray_session(None, num_cpus=2, progress=False) as info:
+    with ray_session(None, num_cpus=2, progress=False) as info:
         assert info == {"address": "local", "started": True}
     init = calls[0]
     assert init["address"] == "local" and init["num_cpus"] == 2
@@ -195,23 +197,23 @@ def _settings_file(out: Path, **changes) -> None:
              "inputs": {}}
     saved.update(changes)
     out.mkdir(parents=True, exist_ok=True)
-    (out / st.SETTINGS_FILE).write_text(json.dumps({k: v for k, v in saved.items() if v is not ...}))
+    (out / SETTINGS_FILE).write_text(json.dumps({k: v for k, v in saved.items() if v is not ...}))
 
 
 def test_search_json_keeps_the_budget_exactly(tiny, tmp_path):
     out = tmp_path / "run"
-    run = st._Run(out, False, load(tiny), Budget.parse("params<=1234567"), 4, 2, 0,
+    run = _Run(out, False, load(tiny), Budget.parse("params<=1234567"), 4, 2, 0,
                   {"uniform": {"ratio/layer1": 0.5}, "greedy": {"ratio/layer1": 0.4}})
-    st._record(run, {"checkpoint": "base.pt"})
-    assert json.loads((out / st.SETTINGS_FILE).read_text())["budget"] == {
+    _record(run, {"checkpoint": "base.pt"})
+    assert json.loads((out / SETTINGS_FILE).read_text())["budget"] == {
         "kind": "params", "value": 1234567.0, "relative": False}
-    (out / st.TUNE_DIR).mkdir()
-    (out / st.TUNE_DIR / "tuner.pkl").write_bytes(b"")  # what Tuner.can_restore looks for
-    again = st._settings(out.resolve(), True, None, None, 0, 0, 0)
+    (out / TUNE_DIR).mkdir()
+    (out / TUNE_DIR / "tuner.pkl").write_bytes(b"")  # what Tuner.can_restore looks for
+    again = _settings(out.resolve(), True, None, None, 0, 0, 0)
     assert again.budget == Budget("params", 1234567.0, False) == run.budget
     assert (again.trials, again.workers, again.seed, again.seeds) == (4, 2, 0, run.seeds)
     _settings_file(out, budget="flops<=50%")  # written by an older autoprune: text
-    assert st._settings(out.resolve(), True, None, None, 0, 0, 0).budget == Budget("flops", 0.5, True)
+    assert _settings(out.resolve(), True, None, None, 0, 0, 0).budget == Budget("flops", 0.5, True)
 
 
 @pytest.mark.parametrize("content, needle", [
@@ -226,11 +228,11 @@ def test_resume_with_a_malformed_search_json_says_which_key(tmp_path, content, n
     out = tmp_path / "run"
     if isinstance(content, list):
         out.mkdir()
-        (out / st.SETTINGS_FILE).write_text(json.dumps(content))
+        (out / SETTINGS_FILE).write_text(json.dumps(content))
     else:
         _settings_file(out, **content)
     with pytest.raises(AutopruneError) as info:
-        st.search(None, None, out=out, resume=True, progress=False)
+        search(None, None, out=out, resume=True, progress=False)
     message = str(info.value)
     assert needle in message and "cannot be continued" in message and "--out" in message
     assert "\n" not in message and len(message) < 400  # one line; a long value is cut short
@@ -254,7 +256,7 @@ def test_cli_resume_with_a_malformed_search_json_is_one_line(tmp_path, capsys, t
 @pytest.mark.slow
 def test_search_with_two_trials_runs_both_seeds(tiny, trained, tmp_path):
     model, data = trained
-    report = st.search(model, data, "flops<=50%", space=tiny, trials=2, workers=2, finetune_epochs=0,
+    report = search(model, data, "flops<=50%", space=tiny, trials=2, workers=2, finetune_epochs=0,
                        out=tmp_path / "run", progress=False).report
     rows = report["trials"]
     assert [r["number"] for r in rows] == [0, 1] and all(r["state"] == "COMPLETE" for r in rows)
@@ -272,7 +274,7 @@ def test_local_ray_starts_beside_a_running_cluster(monkeypatch):
                       head_node_args={"num_cpus": 1, "include_dashboard": False})
     try:
         monkeypatch.setenv("RAY_ADDRESS", cluster.address)
-        with st._ray_session(None, num_cpus=2, progress=False) as info:
+        with ray_session(None, num_cpus=2, progress=False) as info:
             assert info["started"]
             assert ray.get_runtime_context().gcs_address != cluster.address
             assert ray.cluster_resources()["CPU"] == 2  # ours, not the other cluster's single CPU

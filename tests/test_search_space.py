@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import autoprune as ap
+from autoprune.budget import Budget
 from autoprune.errors import AutopruneError
 from autoprune.search import Candidate, SearchSpace, SearchSpaceError, load
 from autoprune.search.space import packaged, stage_of
@@ -179,7 +180,7 @@ def test_accuracy_flops_objective_searches_the_budget_fraction(space):
     s.define(space)(trial)
     c = s.candidate(trial.params, space)
     assert 0.5 <= c.budget_scale <= 1.0 and "budget/scale" in trial.params
-    scaled = c.budget("flops<=60%")
+    scaled = c.budget(Budget.parse("flops<=60%"))
     assert scaled.value == pytest.approx(0.6 * c.budget_scale)
     assert space.cost(space.fit(c.ratios, scaled)).flops <= scaled.target(space)
     assert load("resnet_cifar").define(space) and Candidate({}, None, None, {}, None).budget_scale == 1.0

@@ -100,7 +100,7 @@ def test_alias_bomb_ends_quickly_under_an_address_space_limit(tmp_path):
     child = textwrap.dedent(f"""
         import resource, sys
         from autoprune.cli import main
-        import autoprune.search.tune  # noqa: F401 - imported by `search`; mapped before the cap
+        import autoprune.search.runner  # noqa: F401 - imported by `search`; mapped before the cap
         size = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmSize:"))
         cap = size + (2 << 30)
         resource.setrlimit(resource.RLIMIT_AS, (cap, cap))

@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..space import ROOT_TYPES
+from ..layers import ROOT_TYPES
 from .base import Criterion
 from .hrank import RankState, mean_ranks
 

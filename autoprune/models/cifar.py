@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import ModelError, short
+
 VGG16_CFG: list[int | str] = [
     64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M",
 ]
@@ -63,7 +65,7 @@ class CifarResNet(nn.Module):
     def __init__(self, depth: int = 56, num_classes: int = 10, in_channels: int = 3) -> None:
         super().__init__()
         if depth < 8 or (depth - 2) % 6 != 0:
-            raise ValueError(f"depth must be 6n+2 with n >= 1 (e.g. 20, 32, 56, 110), got {depth}")
+            raise ModelError(f"depth must be 6n+2 with n >= 1 (e.g. 20, 32, 56, 110), got {short(depth)}")
         n = (depth - 2) // 6
         self.depth = depth
         self.conv1 = nn.Conv2d(in_channels, 16, 3, padding=1, bias=False)

@@ -661,9 +661,8 @@ class Candidate:
     selfgroup: dict | None
     budget_scale: float = 1.0
 
-    def budget(self, budget: "str | Budget") -> Budget:
+    def budget(self, budget: Budget) -> Budget:
         """``budget`` scaled by ``budget_scale`` (unchanged when it is 1)."""
-        budget = Budget.parse(budget)
         if self.budget_scale == 1.0:
             return budget
         return Budget(budget.kind, budget.value * self.budget_scale, budget.relative)

@@ -1,0 +1,69 @@
+"""The one protocol every width method implements: widths meeting a budget.
+
+A method gets the :class:`~autoprune.space.Space`, the :class:`~autoprune.budget.Budget`
+and a :class:`Context` (the model, data, criterion scores and calibration stats, seed,
+device and its options) and returns a :class:`WidthResult`: per unit, the channels to keep
+(at most the budget's target), optionally a trajectory and, for a method that chooses
+its channels itself, the Plan. Selecting channels by score, applying, fine-tuning and
+reporting are the pipeline's (:mod:`autoprune.pipeline`), the same for every method.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping
+
+from ..budget import Budget
+from ..plan import Plan
+
+
+@dataclass(frozen=True)
+class WidthResult:
+    """Kept channels per unit; the method's trajectory and notes; its own Plan if it chose
+    the channels too (then ``info["criterion"]`` may name what it ranked them by)."""
+
+    widths: dict[str, int]
+    trajectory: list[dict] = field(default_factory=list)
+    info: dict = field(default_factory=dict)
+    plan: Plan | None = None
+
+
+@dataclass
+class Context:
+    """What a width method may read: ``scores`` are the (mixed) criterion scores and
+    ``stats`` the calibration summaries (both None if the method needs no calibration);
+    ``model``/``data`` may be None where the caller has none (then a method that needs
+    them raises or does without). ``options`` holds method options by their
+    :func:`autoprune.prune` names (``greedy_mode``, ``greedy_step``, ``greedy_bn_batches``,
+    ``greedy_recalibrate``, ``wsp_variant``); absent keys take the method's defaults."""
+
+    model: Any
+    data: Any
+    space: Any
+    budget: Budget
+    scores: Mapping | None = None
+    stats: Any = None
+    seed: int = 0
+    device: Any = None
+    progress: bool = True
+    options: dict = field(default_factory=dict)
+
+
+class WidthMethod:
+    """Base class: set ``name``, ``help`` (one line for the CLI and README) and
+    ``needs_calibration`` (whether the pipeline calibrates and scores before calling
+    :meth:`widths`; a method whose WidthResult carries its own Plan may not need it);
+    implement :meth:`widths`; override :meth:`check` to validate options up front."""
+
+    name: ClassVar[str]
+    help: ClassVar[str]
+    needs_calibration: ClassVar[bool] = True
+    default_criterion: ClassVar[str] = "di"
+    """The criterion (scores, channel selection) when the caller names none."""
+
+    def check(self, options: Mapping[str, Any]) -> None:
+        """AutopruneError naming the option, its value and the choices, before any work."""
+
+    def widths(self, space, budget: Budget, context: Context) -> WidthResult:
+        """Per unit, the channels to keep; the cost must be at most ``budget.target(space)``."""
+        raise NotImplementedError
