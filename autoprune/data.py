@@ -1,5 +1,6 @@
-"""Datasets by name: ``digits`` and ``synthetic`` (offline, in memory), ``cifar10``,
-``cifar100`` and ``imagefolder:PATH`` (user data on disk).
+"""Datasets by name: ``digits`` and ``synthetic`` (offline, in memory), ``fashion-mnist``
+(its IDX files, :mod:`autoprune.idx`), ``cifar10``, ``cifar100`` and ``imagefolder:PATH``
+(user data on disk).
 
 Every loader returns a :class:`DataBundle` with train/val/test splits fixed by ``seed``
 and a JSON-able ``settings`` dict recording what was loaded (it goes into reports).
@@ -24,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from .errors import DataError, short
 from .limits import MAX_IMAGE_SIZE, check_fits
 
-DATASET_NAMES = ("digits", "synthetic", "cifar10", "cifar100", "imagefolder:PATH")
+DATASET_NAMES = ("digits", "synthetic", "fashion-mnist", "cifar10", "cifar100", "imagefolder:PATH")
 
 CIFAR_STATS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
@@ -285,6 +286,59 @@ def _load_synthetic(
     return _in_memory_bundle("synthetic", x, y, num_classes, seed, settings, test_size, val_size)
 
 
+# --------------------------------------------------------------------------- Fashion-MNIST
+
+
+def _load_fashion_mnist(
+    image_size: int | None, seed: int, root: str | None, download: bool,
+    channels: int = 3, val_size: int = 5000, train_size: int | None = None,
+) -> DataBundle:
+    """Fashion-MNIST: the official 60,000 / 10,000 split from its four IDX files
+    (:func:`autoprune.idx.fashion_mnist_files` says where they are looked for). The
+    validation set (``val_size``, stratified, seed-dependent) is carved from the official
+    train set; ``train_size`` keeps a stratified subset of the rest; the official test set
+    is the test set. Grayscale images are repeated to ``channels=3`` (default: every model
+    here takes 3 channels; ``channels=1`` keeps one) and normalised with the train split's
+    statistics; ``image_size`` (default 28) resizes bilinearly."""
+    from .idx import fashion_mnist_files, read_idx
+
+    if channels not in (1, 3):
+        raise DataError(f"fashion-mnist: channels must be 1 or 3, got {short(channels)}")
+    files = fashion_mnist_files(root, download)
+    images = {split: read_idx(files[f"{split}_images"], 3) for split in ("train", "test")}
+    labels = {split: read_idx(files[f"{split}_labels"], 1) for split in ("train", "test")}
+    for split in ("train", "test"):
+        if len(images[split]) != len(labels[split]) or labels[split].max() > 9:
+            raise DataError(f"fashion-mnist {split} files disagree: {len(images[split])} images, "
+                            f"{len(labels[split])} labels (values up to {int(labels[split].max())}; expected 0-9)")
+    size = 28 if image_size is None else image_size
+    n_train, n_test = len(labels["train"]), len(labels["test"])
+    _check_in_memory("fashion-mnist", n_train + n_test, channels, size)
+    y_train = labels["train"].astype(np.int64)
+    rest, val_idx = _stratified_split(np.arange(n_train), y_train, _count(val_size, n_train, "val"), seed)
+    if train_size is not None:
+        keep = _count(train_size, len(rest), "train")
+        _, rest = _stratified_split(rest, y_train[rest], keep, seed)
+    x = torch.from_numpy(np.concatenate([images["train"], images["test"]])).float().div_(255).unsqueeze(1)
+    x = _resize(x, size)
+    x, mean, std = _standardise(x, rest)
+    x = x.repeat(1, channels, 1, 1) if channels == 3 else x
+    y = torch.from_numpy(np.concatenate([y_train, labels["test"].astype(np.int64)]))
+    test_idx = np.arange(n_train, n_train + n_test)
+    parts = [LabeledTensors(x[torch.as_tensor(i, dtype=torch.long)].contiguous(),
+                            y[torch.as_tensor(i, dtype=torch.long)].contiguous())
+             for i in (rest, val_idx, test_idx)]
+    settings = {"name": "fashion-mnist", "image_size": size, "channels": channels, "seed": seed,
+                "val_size": val_size, "train_size": train_size, "files": str(files["train_images"].parent),
+                "mean": mean * channels, "std": std * channels, "sizes": _sizes(*parts)}
+    return DataBundle(*parts, num_classes=10, input_shape=(channels, size, size), name="fashion-mnist",
+                      settings=settings, classes=list(FASHION_MNIST_CLASSES))
+
+
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                         "Sneaker", "Bag", "Ankle boot")
+
+
 # --------------------------------------------------------------------------- CIFAR
 
 
@@ -504,6 +558,7 @@ def _load_imagefolder(
 _LOADERS: dict[str, Callable[..., DataBundle]] = {
     "digits": _load_digits,
     "synthetic": _load_synthetic,
+    "fashion-mnist": _load_fashion_mnist,
     "cifar10": _load_cifar10,
     "cifar100": _load_cifar100,
     "imagefolder": _load_imagefolder,
