@@ -190,11 +190,12 @@ def write_outputs(out: Path, plan: Plan, small: nn.Module, report: dict,
     ``extra`` maps more file names to functions writing that file to the path they are
     given (the search's plots and trials.json). The set replaces the previous one in
     ``out`` as a whole, with ``out/manifest.json`` written last
-    (:func:`~autoprune.checkpoint.output_set`). Returns the committed
-    :class:`~autoprune.checkpoint.OutputSet` (``.replaced``: when the model it replaced
+    (:func:`~autoprune.outputs.output_set`). Returns the committed
+    :class:`~autoprune.outputs.OutputSet` (``.replaced``: when the model it replaced
     had been written, or None).
     """
-    from .checkpoint import output_set, write_json
+    from .checkpoint import write_json
+    from .outputs import output_set
     from .report import plot_widths
     extra = dict(extra or {})
     with output_set(out, ["model.pt", "plan.json", "report.json", "widths.png", *extra]) as files:

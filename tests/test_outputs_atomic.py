@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from autoprune.checkpoint import (MANIFEST, STAGING_PREFIX, atomic_write_text, check_output_set,
-                                  output_set, read_manifest)
+from autoprune.checkpoint import atomic_write_text
+from autoprune.outputs import MANIFEST, STAGING_PREFIX, check_output_set, output_set, read_manifest
 
 pytestmark = pytest.mark.filterwarnings(r"ignore:.*torch\.jit\.script.*:FutureWarning")  # via torch_pruning
 
@@ -171,7 +171,7 @@ def test_bad_names_are_refused(tmp_path):
 
 KILLED_WRITER = """
 import sys, time
-from autoprune.checkpoint import output_set
+from autoprune.outputs import output_set
 with output_set(sys.argv[1], ["model.pt", "plan.json"]) as files:
     files.path("model.pt").write_text("killed")
     print("staged", flush=True)
@@ -282,7 +282,8 @@ def test_sigint_to_the_console_script_during_imports():
 STRACED_WRITE = """
 import sys
 from pathlib import Path
-from autoprune.checkpoint import atomic_write_text, output_set
+from autoprune.checkpoint import atomic_write_text
+from autoprune.outputs import output_set
 names = ("model.pt", "plan.json", "report.json", "widths.png")
 with output_set(Path(sys.argv[1]), names) as files:
     for name in names:

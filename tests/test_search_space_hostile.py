@@ -20,8 +20,8 @@ from autoprune import criteria
 from autoprune.cli import main
 from autoprune.errors import AutopruneError
 from autoprune.search import SearchSpace, SearchSpaceError, load
-from autoprune.search.space import (MAX_FILE_BYTES, NOT_IN_SEARCH, SAMPLERS, _sampler_args, _sampler_class,
-                                    show)
+from autoprune.search.samplers import sampler_args, sampler_class
+from autoprune.search.space import MAX_FILE_BYTES, NOT_IN_SEARCH, SAMPLERS, show
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
@@ -195,9 +195,9 @@ def test_every_settable_sampler_argument_accepts_its_own_default(name):
     """Recount from optuna's side: each argument YAML can write, set to the default value
     the sampler's signature declares, must load and build."""
     import inspect
-    cls = _sampler_class(name)
+    cls = sampler_class(name)
     defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()}
-    settable = {k: v for k, v in _sampler_args(cls).items() if isinstance(v, tuple)}
+    settable = {k: v for k, v in sampler_args(cls).items() if isinstance(v, tuple)}
     assert name == "random" or settable  # every sampler but random has some
     for arg in settable:
         spec = {"name": name, arg: defaults[arg]}

@@ -8,8 +8,10 @@ The modules, top-down: :mod:`.runner` (a whole search: settings and ``search.jso
 driver state, seeds, the Tuner, the best structure's outputs), :mod:`.searcher` (the
 OptunaSearcher), :mod:`.ray_tune` (the Ray session, the trainable, Tune's files, Ctrl-C),
 :mod:`.trial` (one trial without Ray), :mod:`.trials` (the trials table, plain data) and
-:mod:`.space` (YAML search spaces for Optuna define-by-run sampling). Names are loaded on
-first use, so importing :mod:`.trials` (as :mod:`autoprune.report` does) loads no more.
+:mod:`.space` (YAML search spaces for Optuna define-by-run sampling; the file is read by
+:mod:`.yaml_file`, checked by :mod:`.validate`, its sampler typed by :mod:`.samplers`, and
+:mod:`.space_error` holds their error). Names are loaded on first use, so importing
+:mod:`.trials` (as :mod:`autoprune.report` does) loads no more.
 
 One search, step by step:
 

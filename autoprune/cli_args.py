@@ -1,0 +1,193 @@
+"""How subcommands declare and check their options, at the edge, before any work.
+
+A subcommand is one function registered with :func:`command`, which names its arguments
+(:func:`arg`; :class:`Later` for a help text built from a registry when the parser is built).
+Here too: argparse number types capped by :mod:`autoprune.limits`, the argument groups
+several commands share, and the parsers that turn an option's string into a checked value
+(a budget, a criterion mix, a writable ``--out``) before a baseline is trained or loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from .errors import AutopruneError, short
+from .limits import MAX_CHANNELS, MAX_CLASSES, MAX_IMAGE_SIZE
+from .train import MAX_LR
+
+if TYPE_CHECKING:
+    from .budget import Budget
+
+
+class UsageError(AutopruneError):
+    """Bad command-line syntax (raised instead of argparse's print-usage-and-exit)."""
+
+
+# --------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: its name, help line, :func:`arg` records and ``run(args) -> exit status``."""
+
+    name: str
+    help: str
+    arguments: tuple
+    run: Callable[[argparse.Namespace], int]
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def arg(*flags: str, **kwargs) -> tuple:
+    """One ``add_argument`` call, recorded for :func:`command`."""
+    return flags, kwargs
+
+
+class Later:
+    """An ``arg`` keyword value computed when the parser is built (e.g. a help text listing a
+    registry), so importing this module imports no registry."""
+
+    def __init__(self, make: Callable[[], object]) -> None:
+        self.make = make
+
+
+def command(name: str, help: str, *arguments: tuple):
+    """Register the decorated ``fn(args) -> exit status`` as subcommand ``name``."""
+    def register(fn: Callable[[argparse.Namespace], int]):
+        COMMANDS[name] = Command(name, help, arguments, fn)
+        return fn
+    return register
+
+
+# --------------------------------------------------------------------------- argument types and groups
+
+
+def _number(kind: type, positive: bool = True, maximum: float | None = None,
+            why: str = "") -> Callable[[str], float]:
+    """An argparse type: a finite ``kind`` above zero (``positive``) or at least zero, and at
+    most ``maximum`` (``why`` says why, in the error)."""
+    what = ("positive" if positive else "non-negative") + f" {kind.__name__}"
+    if maximum is not None:
+        what += f" at most {maximum:g}" + (f" ({why})" if why else "")
+
+    def parse(text: str):
+        try:
+            value = kind(text) if len(text) <= 100 else None
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or value < 0 or (positive and value == 0) \
+                or (maximum is not None and value > maximum):
+            raise argparse.ArgumentTypeError(f"expected a {what}, got {short(text)}")
+        return value
+    return parse
+
+
+POS_INT, POS_FLOAT, NONNEG_INT = _number(int), _number(float), _number(int, positive=False)
+IMAGE_SIZE = _number(int, maximum=MAX_IMAGE_SIZE, why="larger images cannot fit in memory")
+CLASSES = _number(int, maximum=MAX_CLASSES)
+CHANNELS = _number(int, maximum=MAX_CHANNELS)
+LR = _number(float, maximum=MAX_LR, why="larger rates only diverge")
+
+SEED = arg("--seed", type=NONNEG_INT, default=0, help="fixes data splits, shuffling and init (default 0)")
+
+
+def data_args(required: bool) -> tuple:
+    """--data and its options; optional where a checkpoint can name its own data."""
+    return (
+        arg("--data", required=required, metavar="NAME",
+            help="digits, synthetic, cifar10, cifar100 or imagefolder:PATH"
+                 + ("" if required else " (default: the checkpoint's)")),
+        arg("--image-size", type=IMAGE_SIZE, metavar="N",
+            help=f"resize images to NxN, N <= {MAX_IMAGE_SIZE} (dataset default)"),
+        arg("--data-root", metavar="DIR", help="folder holding cifar10/cifar100 files"),
+        arg("--download", action="store_true", help="download cifar10/cifar100 into --data-root"),
+    )
+
+
+DATA = data_args(required=True)
+
+
+BASELINE_AND_BUDGET = (
+    arg("--checkpoint", metavar="FILE", help="baseline from 'autoprune train'"),
+    arg("--model", metavar="NAME", help="without --checkpoint: train (and cache) this baseline"),
+    *data_args(required=False),
+    arg("--flops", metavar="V", help="FLOPs that remain: 50%%, 0.5 or 62M"),
+    arg("--params", metavar="V", help="parameters that remain: 50%% or 1.2M"),
+)
+"""The baseline (a checkpoint, or a model name and data to train and cache one) and one budget."""
+
+FINETUNE = (
+    arg("--epochs", type=NONNEG_INT, default=5, help="fine-tuning epochs of the pruned model (default 5)"),
+    arg("--lr", type=LR, default=0.01, help="fine-tuning learning rate (default 0.01)"),
+    arg("--distill", action="store_true", help="fine-tune with distillation from the dense model"),
+    arg("--baseline-epochs", type=POS_INT, default=30, help="epochs when training the baseline (default 30)"),
+    arg("--calib-images", type=POS_INT, default=512,
+        help="calibration images (default 512; di compares classes, so needs at least 2)"),
+    SEED,
+)
+"""Fine-tuning, baseline training, calibration and seed options shared by prune and search."""
+
+
+# --------------------------------------------------------------------------- edge parsers
+
+
+def budget_of(args: argparse.Namespace) -> "Budget":
+    """--flops 50% / --params 1.2M as a :class:`~autoprune.budget.Budget` (exactly one of
+    them), parsed here, once (BudgetError if malformed), before any long work starts."""
+    if (args.flops is None) == (args.params is None):
+        raise UsageError("give exactly one budget: --flops VALUE or --params VALUE (e.g. --flops 50%)")
+    kind, value = ("flops", args.flops) if args.flops is not None else ("params", args.params)
+    return parse_budget(f"{kind}<={value}")
+
+
+def parse_budget(text: str) -> "Budget":
+    """``text`` (e.g. ``flops<=50%``) as a checked Budget (BudgetError if malformed)."""
+    from .budget import Budget
+    return Budget.parse(text)
+
+
+def parse_criterion(text: str | None) -> dict[str, float] | None:
+    """--criterion 'di' or a mix 'di:0.6,hpse:0.4' as checked weights (None: the method's default)."""
+    from .criteria import parse_mix
+
+    if text is None:
+        return None
+    try:
+        return parse_mix(text)
+    except AutopruneError as exc:
+        raise type(exc)(f"--criterion: {exc}") from None
+
+
+def writable_file(out: str) -> Path:
+    """The --out file path, checked writable (its folder created) before any long work starts:
+    not a folder, and a file can be created beside it."""
+    path = Path(out)
+    if path.is_dir():
+        raise UsageError(f"--out {short(out)} is a folder; give a file path, e.g. {Path(out) / 'base.pt'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe = path.parent / f".{path.name}.autoprune-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise AutopruneError(f"cannot write --out {short(out)}: {exc.strerror or exc}") from None
+    return path
+
+
+def writable_dir(out: str) -> Path:
+    """The --out folder, created and checked writable before any long work starts."""
+    path = Path(out)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".autoprune-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise AutopruneError(f"cannot write to --out {out}: {exc.strerror or exc}") from None
+    return path
+
