@@ -96,6 +96,18 @@ LR = _number(float, maximum=MAX_LR, why="larger rates only diverge")
 SEED = arg("--seed", type=NONNEG_INT, default=0, help="fixes data splits, shuffling and init (default 0)")
 
 
+def _wsp_variants() -> tuple[str, ...]:
+    from .criteria.wsp import VARIANTS
+    return VARIANTS
+
+
+WSP_VARIANT = arg("--wsp-variant", default="weight", choices=Later(_wsp_variants),
+                  help="--method wsp's saliencies: weight (filter and next-layer weight norms, the "
+                       "authors' code; default) or data (mean |activation| and |gradient| over the "
+                       "calibration images)")
+"""Method wsp's saliency variant (:data:`autoprune.criteria.wsp.VARIANTS`)."""
+
+
 def data_args(required: bool) -> tuple:
     """--data and its options; optional where a checkpoint can name its own data."""
     return (

@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 
 from .cli_args import (BASELINE_AND_BUDGET, CHANNELS, CLASSES, DATA, FINETUNE, IMAGE_SIZE, LR,
-                       NONNEG_INT, POS_INT, SEED, Later, UsageError, arg, budget_of, command,
+                       NONNEG_INT, POS_INT, SEED, WSP_VARIANT, Later, UsageError, arg, budget_of, command,
                        data_args, parse_budget, parse_criterion, writable_dir, writable_file)
 from .errors import AutopruneError, CheckpointError, ModelError
 from .limits import MAX_CLASSES, MAX_IMAGE_SIZE
@@ -221,6 +221,7 @@ def train(args: argparse.Namespace) -> int:
         help="adaptive-BN batches before scoring each greedy step's accuracy (default 5; 0: none)"),
     arg("--greedy-recalibrate", type=NONNEG_INT, default=0, metavar="N",
         help="re-estimate BN under the committed structure every N greedy steps (default 0: never)"),
+    WSP_VARIANT,
     *FINETUNE,
     arg("--out", required=True, metavar="DIR", help="receives model.pt, plan.json, report.json, widths.png"),
     arg("--no-progress", action="store_true", help="no progress bars"),
@@ -232,14 +233,15 @@ def prune(args: argparse.Namespace) -> int:
     budget = budget_of(args)  # every option checked before a baseline is trained or loaded
     criterion = check_options(args.method, parse_criterion(args.criterion), args.clusters, args.greedy_mode,
                               args.calib_images, args.cluster_k, greedy_bn_batches=args.greedy_bn_batches,
-                              greedy_recalibrate=args.greedy_recalibrate)
+                              greedy_recalibrate=args.greedy_recalibrate, wsp_variant=args.wsp_variant)
     out = writable_dir(args.out)
     model, bundle = _prune_inputs(args)
     result = run(model, bundle, budget, method=args.method, criterion=criterion,
                  clusters=args.clusters, cluster_k=args.cluster_k, finetune_epochs=args.epochs, lr=args.lr,
                  distill=args.distill, seed=args.seed, calib_images=args.calib_images,
                  greedy_mode=args.greedy_mode, greedy_bn_batches=args.greedy_bn_batches,
-                 greedy_recalibrate=args.greedy_recalibrate, out=out, progress=not args.no_progress)
+                 greedy_recalibrate=args.greedy_recalibrate, wsp_variant=args.wsp_variant, out=out,
+                 progress=not args.no_progress)
     _summary(result.report)
     print(f"saved {out / 'model.pt'} (load with autoprune.load), plan.json, report.json, widths.png")
     return 0

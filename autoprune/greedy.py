@@ -3,15 +3,21 @@
 Start from the full network; at every step each unit proposes removing its
 lowest-scored channels worth about a fixed share of the base FLOPs (default 0.5%);
 the proposal that costs least is committed, until the budget is met. Step cost is
-either ``criterion`` (share of the unit's *remaining* score lost per FLOP saved, so
-each further cut of a shrinking unit costs more — fast) or
-``accuracy`` (validation accuracy without fine-tuning, after adaptive BN when the
-evaluator has training batches — the authors' choice). Candidates are evaluated
-with channel masks on the unit's norm outputs, which in eval mode computes exactly
-what the physically pruned network computes, so no candidate is ever materialised.
-With an evaluator, every committed step's validation accuracy is recorded in the
-trajectory (in either mode), and ``recalibrate_every`` re-estimates BN statistics
-under the committed masks every few steps.
+either ``criterion`` — the score actually lost, ``Σ score(kept now) − Σ score(kept after)``
+(for exact per-channel ΔDI scores: the DI lost, to first order), per FLOP saved, on one
+scale for every unit (a unit whose scores are 1000× larger is 1000× dearer to cut; scaling
+every unit alike changes nothing) — fast; or ``accuracy`` (validation accuracy without
+fine-tuning, after adaptive BN when the evaluator has training batches — the authors'
+choice). The channels a unit keeps at a width are always :func:`autoprune.plan.kept_channels`
+(with the cluster labels, if any): the very rule :func:`autoprune.plan.select` builds the
+final Plan with, so every candidate evaluated is exactly the network the Plan would
+produce at those widths. Candidates are evaluated with channel masks on the unit's norm
+outputs, which in eval mode computes what the physically pruned network computes, so no
+candidate is ever materialised. Every trajectory entry records the ``mode`` and its
+``proxy`` (score lost, or accuracy); with an evaluator, every committed step's validation
+accuracy too (in either mode), and ``recalibrate_every`` re-estimates BN statistics under
+the committed masks every few steps. Scores are computed once, on the full network (the
+authors re-rank on the current pruned network every iteration).
 """
 
 from __future__ import annotations
@@ -28,89 +34,84 @@ from tqdm.auto import tqdm
 
 from .budget import Budget, fill_widths
 from .errors import OptionError, short
+from .plan import kept_channels
 from .space import Space, Unit
 
 MODES = ("criterion", "accuracy")
-"""How a candidate step is ranked: criterion loss per FLOP saved, or validation accuracy."""
+"""How a candidate step is ranked: score lost per FLOP saved, or validation accuracy."""
+
+RULES = {"criterion": "least score lost (sum of the removed channels' scores) per FLOP saved",
+         "accuracy": "highest validation accuracy of the masked network (after adaptive BN if given)"}
+"""What each mode commits, in words (recorded in the result's ``info``)."""
 
 
 @dataclass
 class GreedyResult:
-    """Final widths and the step-by-step trajectory (for the report)."""
+    """Final widths, the step-by-step trajectory (for the report) and how they were chosen."""
 
     widths: dict[str, int]
     trajectory: list[dict] = field(default_factory=list)
-
-
-def removal_order(unit: Unit, scores: torch.Tensor) -> list[list[int]]:
-    """The unit's channels in removal order, in chunks of ``unit.step`` (weakest first).
-
-    Grouped units remove the same local index in every group, by mean local score.
-    """
-    s = np.asarray(torch.as_tensor(scores).double().cpu())
-    size = unit.width // unit.groups
-    local = s.reshape(unit.groups, size).mean(0)
-    order = np.lexsort((np.arange(size), local))
-    channels = [[g * size + int(i) for g in range(unit.groups)] for i in order]
-    per_chunk = unit.step // unit.groups
-    return [sum(channels[i:i + per_chunk], []) for i in range(0, len(channels), per_chunk)]
+    info: dict = field(default_factory=dict)
 
 
 class _State:
-    """Current widths, removed channels and the analytic cost during the greedy walk."""
+    """Current widths and the analytic cost during the greedy walk; which channels a unit
+    keeps at a width is :func:`~autoprune.plan.kept_channels` (with ``clusters``)."""
 
-    def __init__(self, space: Space, scores: Mapping[str, torch.Tensor], kind: str) -> None:
+    def __init__(self, space: Space, scores: Mapping[str, torch.Tensor], kind: str,
+                 clusters: Mapping[str, np.ndarray] | None = None) -> None:
         self.space, self.kind = space, kind
         self.widths = space.full_widths()
-        self.order = {u.name: removal_order(u, scores[u.name]) for u in space.units}
-        self.removed = {u.name: 0 for u in space.units}
-        self.share = {u.name: _shares(u, scores[u.name], self.order[u.name]) for u in space.units}
+        self.scores = {u.name: np.asarray(torch.as_tensor(scores[u.name]).double().cpu()) for u in space.units}
+        self.clusters = dict(clusters or {})
+        self._kept: dict[tuple[str, int], list[int]] = {}
 
     def cost(self, widths: Mapping[str, int] | None = None) -> int:
         return getattr(self.space.cost(widths or self.widths), self.kind)
 
-    def candidate(self, unit: Unit, want: float) -> tuple[int, dict[str, int]] | None:
-        """Chunks of ``unit`` to remove to save at least ``want`` (fewer if the unit runs out)."""
-        now, base = self.cost(), dict(self.widths)
-        n, chunks = self.removed[unit.name], len(self.order[unit.name])
-        extra = 0
-        for extra in range(1, chunks - n + 1):
-            kept = unit.width - sum(len(c) for c in self.order[unit.name][:n + extra])
-            if kept < unit.min_width:
-                extra -= 1
+    def kept(self, unit: Unit, width: int) -> list[int]:
+        key = (unit.name, width)
+        if key not in self._kept:
+            self._kept[key] = kept_channels(unit, self.scores[unit.name], width, self.clusters.get(unit.name))
+        return self._kept[key]
+
+    def score_lost(self, unit: Unit, width: int) -> float:
+        """Score of the channels ``unit`` keeps now minus of those it keeps at ``width``."""
+        s = self.scores[unit.name]
+        return float(s[self.kept(unit, self.widths[unit.name])].sum() - s[self.kept(unit, width)].sum())
+
+    def candidate(self, unit: Unit, want: float) -> dict[str, int] | None:
+        """Widths with ``unit`` cut by steps until ``want`` is saved (less if it runs out)."""
+        now, widths = self.cost(), dict(self.widths)
+        while True:
+            width = unit.round(widths[unit.name] - 1)
+            if width >= widths[unit.name]:
                 break
-            base[unit.name] = kept
-            if now - self.cost(base) >= want:
+            widths[unit.name] = width
+            if now - self.cost(widths) >= want:
                 break
-        if extra <= 0 or base[unit.name] == self.widths[unit.name]:
-            return None
-        return extra, base
+        return None if widths[unit.name] == self.widths[unit.name] else widths
 
     def masks(self, widths: Mapping[str, int]) -> dict[str, torch.Tensor]:
+        """Per cut unit, a 0/1 mask that keeps exactly the channels ``select`` keeps."""
         out = {}
         for unit in self.space.units:
-            drop = unit.width - widths[unit.name]
-            if drop:
-                m = torch.ones(unit.width)
-                gone = sum(self.order[unit.name], [])[:drop]
-                m[gone] = 0
+            if widths[unit.name] < unit.width:
+                m = torch.zeros(unit.width)
+                m[self.kept(unit, widths[unit.name])] = 1
                 out[unit.name] = m
         return out
-
-
-def _shares(unit: Unit, scores: torch.Tensor, order: list[list[int]]) -> np.ndarray:
-    """Cumulative share of the unit's total score lost after removing each chunk."""
-    s = np.asarray(torch.as_tensor(scores).double().cpu())
-    s = s - min(0.0, s.min())
-    total = s.sum() or 1.0
-    return np.cumsum([s[c].sum() / total for c in order])
 
 
 def greedy_widths(space: Space, scores: Mapping[str, torch.Tensor], budget: "str | Budget",
                   step: float = 0.005, mode: str = "criterion",
                   evaluator: "MaskedEvaluator | None" = None, recalibrate_every: int = 0,
-                  progress: bool = True) -> GreedyResult:
-    """Widths meeting ``budget`` chosen greedily, weakest step first (see module doc)."""
+                  progress: bool = True, clusters: Mapping[str, np.ndarray] | None = None) -> GreedyResult:
+    """Widths meeting ``budget`` chosen greedily, cheapest step first (see module doc).
+
+    ``clusters`` (unit → labels) are the labels the final Plan will be selected with
+    (``select(..., clusters=)``): candidates keep channels per cluster exactly as it will.
+    """
     if mode not in MODES:
         raise OptionError(f"unknown greedy mode {short(mode)}; choose one of {', '.join(MODES)}")
     if mode == "accuracy" and evaluator is None:
@@ -118,7 +119,7 @@ def greedy_widths(space: Space, scores: Mapping[str, torch.Tensor], budget: "str
                              "pass evaluator= or use mode 'criterion'")
     budget = Budget.parse(budget)
     target = budget.target(space)
-    state = _State(space, scores, budget.kind)
+    state = _State(space, scores, budget.kind, clusters)
     base = state.cost()
     trajectory: list[dict] = []
     bar = tqdm(total=base - target, desc="greedy", unit=budget.kind, disable=not progress, leave=False)
@@ -127,11 +128,11 @@ def greedy_widths(space: Space, scores: Mapping[str, torch.Tensor], budget: "str
         best = _best_step(state, want, mode, evaluator)
         if best is None:
             break
-        unit, extra, widths, proxy, candidates = best
+        unit, widths, proxy, candidates = best
         saved = state.cost() - state.cost(widths)
-        state.widths, state.removed[unit] = widths, state.removed[unit] + extra
+        state.widths = widths
         bar.update(saved)
-        entry = {"step": len(trajectory) + 1, "unit": unit, "kept": widths[unit],
+        entry = {"step": len(trajectory) + 1, "mode": mode, "unit": unit, "kept": widths[unit],
                  budget.kind: state.cost(), "proxy": proxy, "candidates": candidates}
         if evaluator is not None:
             entry["accuracy"] = proxy if mode == "accuracy" else evaluator(state.masks(widths))
@@ -141,30 +142,26 @@ def greedy_widths(space: Space, scores: Mapping[str, torch.Tensor], budget: "str
     bar.close()
     wanted = np.array([state.widths[u.name] for u in space.units], dtype=float)
     widths = fill_widths(space, state.widths, wanted, budget.kind, target)
-    return GreedyResult(widths, trajectory)
+    info = {"mode": mode, "rule": RULES[mode], "step": step, "clusters": clusters is not None}
+    return GreedyResult(widths, trajectory, info)
 
 
 def _best_step(state: _State, want: float, mode: str, evaluator) -> tuple | None:
-    """The cheapest candidate step: (unit, chunks, widths, proxy value, all candidates' proxies)."""
+    """The cheapest candidate step: (unit, widths, proxy value, all candidates' proxies)."""
     best, proxies = None, {}
     for unit in state.space.units:
-        cand = state.candidate(unit, want)
-        if cand is None:
+        widths = state.candidate(unit, want)
+        if widths is None:
             continue
-        extra, widths = cand
         if mode == "accuracy":
             proxy = evaluator(state.masks(widths))
             key = -proxy
         else:
-            n = state.removed[unit.name]
-            before = state.share[unit.name][n - 1] if n else 0.0
-            lost = state.share[unit.name][n + extra - 1] - before
-            saved = max(state.cost() - state.cost(widths), 1)
-            proxy = float(lost / max(1.0 - before, 1e-12))
-            key = proxy / saved
+            proxy = state.score_lost(unit, widths[unit.name])
+            key = proxy / max(state.cost() - state.cost(widths), 1)
         proxies[unit.name] = proxy
         if best is None or key < best[0]:
-            best = (key, unit.name, extra, widths, proxy)
+            best = (key, unit.name, widths, proxy)
     return None if best is None else (*best[1:], proxies)
 
 

@@ -22,7 +22,7 @@ from .checkpoint import atomic_save, load_weights, read_checkpoint
 from .errors import CheckpointError, ModelError, OptionError
 from .selfgroup import apply_self_grouping
 from .criteria.magnitude import filter_norms
-from .space import Space, build_graph
+from .space import Space, Unit, build_graph
 
 FORMAT = "autoprune-plan/1"
 
@@ -124,14 +124,8 @@ def _proportional(labels: np.ndarray, kept: int) -> dict[int, int]:
     return dict(zip(ids.tolist(), alloc.tolist()))
 
 
-def _select_unit(scores: np.ndarray, kept: int, groups: int, labels: np.ndarray | None) -> list[int]:
-    """Keep ``kept`` channels; grouped units keep the same local indices in every group."""
-    if groups > 1:
-        local = scores.reshape(groups, -1).mean(0)
-        size = len(local)
-        lab = None if labels is None else labels.reshape(groups, -1)[0]
-        chosen = _select_unit(local, kept // groups, 1, lab)
-        return sorted(g * size + i for g in range(groups) for i in chosen)
+def _select_local(scores: np.ndarray, kept: int, labels: np.ndarray | None) -> list[int]:
+    """The ``kept`` highest scores, per cluster in proportion when ``labels`` are given."""
     if labels is None:
         return _top(scores, kept)
     keep: list[int] = []
@@ -141,13 +135,35 @@ def _select_unit(scores: np.ndarray, kept: int, groups: int, labels: np.ndarray 
     return sorted(keep)
 
 
+def kept_channels(unit: Unit, scores, width: int, clusters=None) -> list[int]:
+    """The sorted indices of the ``width`` channels ``unit`` keeps: the highest ``scores``
+    (ties: the lower index), with ``clusters`` (labels [unit.width]) each cluster in
+    proportion to its size, at least one where ``width`` allows; grouped units keep the same
+    local indices in every group, ranked by their mean score over the groups.
+
+    The one selection rule: :func:`select` builds Plans with it and the greedy
+    (:mod:`autoprune.greedy`) masks its candidates with it, so a masked candidate is
+    exactly the network ``select`` produces at those widths.
+    """
+    s = np.asarray(torch.as_tensor(scores).double().cpu())
+    labels = None if clusters is None else np.asarray(clusters)
+    if unit.groups == 1:
+        return _select_local(s, width, labels)
+    size = unit.width // unit.groups
+    local = s.reshape(unit.groups, size).mean(0)
+    lab = None if labels is None else labels.reshape(unit.groups, size)[0]
+    chosen = _select_local(local, width // unit.groups, lab)
+    return sorted(g * size + i for g in range(unit.groups) for i in chosen)
+
+
 def select(space: Space, widths: Mapping[str, int], scores: Mapping[str, torch.Tensor] | None = None,
            clusters: Mapping[str, np.ndarray] | None = None) -> Plan:
     """The Plan keeping, per unit, ``widths[unit]`` highest-scoring channels.
 
     ``scores`` (unit → Tensor[width], higher = keep) default to the L1 magnitude of
     the unit's filters in the space's model. With ``clusters`` (unit → labels) each cluster
-    keeps channels in proportion to its size, at least one where the width allows.
+    keeps channels in proportion to its size, at least one where the width allows
+    (per unit: :func:`kept_channels`).
     """
     full = space.complete(widths)
     scores = filter_norms(space, 1) if scores is None else scores
@@ -158,10 +174,9 @@ def select(space: Space, widths: Mapping[str, int], scores: Mapping[str, torch.T
         if not unit.allowed(full[unit.name]):
             raise OptionError(f"unit {unit.name}: width {full[unit.name]} is not a multiple of "
                              f"{unit.step} in {unit.min_width}..{unit.width}")
-        s = np.asarray(torch.as_tensor(scores[unit.name]).double().cpu())
-        lab = None if clusters is None or unit.name not in clusters else np.asarray(clusters[unit.name])
-        keep[unit.name] = _select_unit(s, full[unit.name], unit.groups, lab)
+        labels = None if clusters is None else clusters.get(unit.name)
+        keep[unit.name] = kept_channels(unit, scores[unit.name], full[unit.name], labels)
     return Plan(keep, {u.name: u.width for u in space.units if u.name in keep}, space.input_shape)
 
 
-__all__ = ["Plan", "select", "load"]
+__all__ = ["Plan", "kept_channels", "select", "load"]

@@ -35,7 +35,8 @@ def prune(model: nn.Module, data: DataBundle, budget: "str | Budget" = "flops<=5
           clusters: str | None = None, cluster_k: int | None = None, finetune_epochs: int = 5,
           lr: float = 0.01, distill: bool = False, seed: int = 0, calib_images: int = 512,
           bn_batches: int = 50, greedy_mode: str = "criterion", greedy_step: float = 0.005,
-          greedy_bn_batches: int = 5, greedy_recalibrate: int = 0, out: str | Path | None = None, progress: bool = True,
+          greedy_bn_batches: int = 5, greedy_recalibrate: int = 0, wsp_variant: str = "weight",
+          out: str | Path | None = None, progress: bool = True,
           device: str | torch.device | None = None, space=None, trials: int = 64,
           workers: int = 2, address: str | None = None) -> Result:
     """Prune ``model`` to ``budget`` on ``data`` and fine-tune it; see the module doc.
@@ -45,10 +46,13 @@ def prune(model: nn.Module, data: DataBundle, budget: "str | Budget" = "flops<=5
     ``wsp``'s saliency for method ``wsp``). ``clusters`` (hpse, fchp, sg) keeps channels
     from every cluster in proportion, ``cluster_k`` clusters per unit (default: the
     clustering's own). ``greedy_mode="accuracy"`` scores greedy steps by
-    validation accuracy (the DI authors' way) instead of criterion loss per FLOP, each
+    validation accuracy (the DI authors' way) instead of the score lost per FLOP saved, each
     candidate after adaptive BN on ``greedy_bn_batches`` training batches (0: none);
     ``greedy_recalibrate=N`` re-estimates BN statistics under the committed structure
     every N steps. Greedy records each step's validation accuracy in the trajectory.
+    Method ``wsp`` removes exactly WSP's weak sub-network (:func:`autoprune.wsp.wsp_plan`:
+    it chooses the channels, so ``criterion`` and ``clusters`` do not apply) with saliencies
+    from ``wsp_variant`` ``"weight"`` (norms, no calibration) or ``"data"`` (calibrated).
 
     ``method="search"`` runs :func:`autoprune.search.search` (Optuna on Ray Tune) with
     the search space ``space`` (name, YAML path or SearchSpace; default resnet_cifar),
@@ -67,7 +71,7 @@ def prune(model: nn.Module, data: DataBundle, budget: "str | Budget" = "flops<=5
                       calib_images=calib_images, bn_batches=bn_batches, progress=progress, device=device)
     start = time.time()
     options = {"greedy_step": greedy_step, "greedy_bn_batches": greedy_bn_batches,
-               "greedy_recalibrate": greedy_recalibrate}
+               "greedy_recalibrate": greedy_recalibrate, "wsp_variant": wsp_variant}
     weights = check_options(method, criterion, clusters, greedy_mode, calib_images, cluster_k, **options)
     options["greedy_mode"] = greedy_mode
     width_method = methods.get(method)
@@ -78,26 +82,37 @@ def prune(model: nn.Module, data: DataBundle, budget: "str | Budget" = "flops<=5
     space = Space(model, torch.zeros(1, *data.input_shape, device=device))
     budget.target(space)
     stats = scores = None
-    if width_method.needs_calibration:
-        specs = pipeline.calibration_specs(weights, clusters, cluster_k, data.num_classes)
+    scored = width_method.needs_calibration  # else the method's own Plan picks the channels
+    own = width_method.calibrates(options)  # what the method reads itself (wsp_data)
+    if scored or own:
+        names = list(dict.fromkeys([*weights, *own] if scored else own))
+        specs = pipeline.calibration_specs(names, clusters if scored else None, cluster_k, data.num_classes)
         stats = calibrate(space, model, loader(data.train, batch_size=64, shuffle=True, seed=seed), specs,
                           n_images=calib_images, device=device, progress=progress) if specs else Stats()
+    if scored:
         scores = pipeline.mixed_scores(weights, pipeline.criterion_scores(space, stats, weights,
                                                                           data.num_classes))
-    context = methods.Context(model, data, space, budget, scores, stats, seed, device, progress, options)
+    # the labels the Plan is selected with, known before the widths so the greedy evaluates them
+    # (a method that needs no calibration chooses its channels itself: tp_global)
+    labels = grouping.cluster(clusters, space, stats, cluster_k) if clusters and scored else None
+    context = methods.Context(model, data, space, budget, scores, stats, seed, device, progress, options,
+                              clusters=labels)
     chosen = width_method.widths(space, budget, context)
     widths = space.complete(chosen.widths)
-    if chosen.plan is not None:  # the method chose the channels too (tp_global)
+    if chosen.plan is not None:  # the method chose the channels too (tp_global, wsp)
         plan, weights = chosen.plan, chosen.info.get("criterion", weights)
     else:
-        labels = grouping.cluster(clusters, space, stats, cluster_k) if clusters else None
         plan = select(space, widths, scores=scores, clusters=labels)
-    plan.meta = {"method": method, "criterion": weights, "budget": str(budget), "seed": seed}
+    plan.meta = {**plan.meta, "method": method, "criterion": weights, "budget": str(budget), "seed": seed}
     small = plan.apply(model)
     report = pipeline.finish(model, small, data, space, budget, widths, seed, finetune_epochs, lr,
                              distill, bn_batches, progress, device)
     report.update(method=method, criterion=weights, clusters=clusters, cluster_k=cluster_k, seed=seed,
                   trajectory=chosen.trajectory, elapsed_s=round(time.time() - start, 2))
+    if "greedy" in chosen.info:  # the greedy's mode and its rule, next to its trajectory
+        report["greedy"] = chosen.info["greedy"]
+    if "wsp" in chosen.info:  # WSP's variant and the percentile its weak set was taken at
+        report["wsp"] = chosen.info["wsp"]
     if out is not None:
         pipeline.write_outputs(Path(out), plan, small, report)
     return Result(small, plan, report)

@@ -22,9 +22,19 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture
+def trained(trained_once):
+    """A private copy of the trained ResNet-20 (a test that changes it, e.g. its BN statistics,
+    cannot change what later tests see) and the shared data."""
+    import copy
+
+    model, data = trained_once
+    return copy.deepcopy(model).eval(), data
+
+
 @pytest.fixture(scope="session")
-def trained():
-    """A ResNet-20 trained 3 epochs on 8x8 digits (about 90% accuracy), shared read-only."""
+def trained_once():
+    """A ResNet-20 trained 3 epochs on 8x8 digits (about 90% accuracy), trained once per session."""
     import autoprune as ap
     from autoprune.train import train
 

@@ -52,13 +52,40 @@ def test_edge_maps_known_answer():
     maps = torch.stack([checkerboard(8, 8), torch.ones(8, 8)])[None]  # [1, 2, 8, 8]
     edge, shape = edge_shape_maps(maps)
     e = edge_scores(maps)[0]
-    # checkerboard: |Dx| = |Dy| = 2 inside, one tap falls on the zero padding at the right/bottom
-    assert e[0].item() == pytest.approx(49 * 2 * 2 ** 0.5 + 14 * 5 ** 0.5 + 2 ** 0.5, rel=1e-6)
-    # constant: edges only where the zero padding starts
-    assert e[1].item() == pytest.approx(14 + 2 ** 0.5, rel=1e-6)
-    assert e[0] > 10 * e[1]
-    assert shape[0, 1, :7, :7].allclose(torch.full((7, 7), 2 * 2 ** 0.5))  # [1, 1] doubles a flat map
+    # checkerboard: |Dx| = |Dy| = 2 inside; on the last column/row the replicated tap gives 0
+    assert e[0].item() == pytest.approx(49 * 2 * 2 ** 0.5 + 14 * 2, rel=1e-6)
+    assert e[1].item() == 0  # constant: no edges at all, the border included
+    assert shape[0, 1].allclose(torch.full((8, 8), 2 * 2 ** 0.5))  # [1, 1] doubles a flat map
     assert shape[0, 0, :7, :7].abs().max() < 1e-6  # and cancels an alternating one
+
+
+def _edge_energy_numpy(m: np.ndarray) -> float:
+    """HPSE's edge energy Σ_hw sqrt(Dx² + Dy²) of one map, 'same' size by replicating the
+    last column/row (np.pad mode "edge"), recomputed in float64."""
+    p = np.pad(m.astype(np.float64), ((0, 1), (0, 1)), mode="edge")
+    dx = p[:-1, 1:] - p[:-1, :-1]
+    dy = p[1:, :-1] - p[:-1, :-1]
+    return float(np.sqrt(dx ** 2 + dy ** 2).sum())
+
+
+def test_edge_score_of_constant_is_zero_and_step_matches_numpy():
+    """Padding must not leak a map's level into its edges (zero padding scored a constant
+    8x8 map of 3 at 46.2): a constant scores 0; one vertical step edge scores what the
+    same formula gives in numpy, whatever constant is added to the map."""
+    const = torch.full((1, 1, 8, 8), 3.0)
+    assert edge_scores(const).item() == 0
+    assert edge_shape_maps(const)[0].abs().max().item() == 0
+    step = torch.zeros(8, 8)
+    step[:, 5:] = 2.5  # one vertical step between columns 4 and 5
+    want = _edge_energy_numpy(step.numpy())
+    assert want == pytest.approx(8 * 2.5)  # |Dx| = 2.5 on column 4 of each of 8 rows
+    for level in (0.0, 3.0, -7.0):
+        got = edge_scores((step + level)[None, None]).item()
+        assert got == pytest.approx(want, rel=1e-6, abs=1e-5)
+    rng = np.random.default_rng(0)
+    noisy = rng.normal(size=(6, 9)).astype(np.float32)  # a non-square random map too
+    assert edge_scores(torch.from_numpy(noisy)[None, None]).item() == pytest.approx(
+        _edge_energy_numpy(noisy), rel=1e-5)
 
 
 def test_hpse_end_to_end_checkerboard_outscores_smooth():

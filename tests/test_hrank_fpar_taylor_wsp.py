@@ -300,3 +300,55 @@ def test_wsp_budget_unreachable(vgg):
     floor = space.cost(wsp_widths(space, None, 100)).flops
     with pytest.raises(ap.BudgetError, match="p=100"):
         wsp_widths(space, None, budget=ap.Budget("flops", floor - 1, relative=False))
+
+
+# --- WSP through autoprune.prune: the method removes exactly the weak sub-network ---------
+
+def _no_finish(model, small, data, space, budget, widths, *args):
+    """pipeline.finish without adaptive BN, fine-tuning and timing: the test reads the Plan."""
+    return {"widths": {u.name: [widths[u.name], u.width] for u in space.units}}
+
+
+@pytest.mark.parametrize("variant", ["weight", "data"])
+@pytest.mark.parametrize("arch, size", [("resnet20", 16), ("vgg16_bn", 32)])
+def test_prune_wsp_removes_exactly_the_weak_subnetwork(monkeypatch, arch, size, variant):
+    """prune(method="wsp") at flops<=50% removes every weak channel and no other (random
+    weights, so the weak set is large), i.e. it equals wsp_plan exactly; the data variant's
+    saliencies come from the same calibration pass, recomputed here."""
+    from autoprune import pipeline
+    from autoprune.data import loader
+    from autoprune.prune import prune
+    monkeypatch.setattr(pipeline, "finish", _no_finish)
+    torch.manual_seed(0)
+    model = ap.models.create(arch, num_classes=4).eval()
+    data = ap.data.load("synthetic", image_size=size)
+    space = ap.Space(model, torch.zeros(1, *data.input_shape))
+    stats = None
+    if variant == "data":  # prune's calibration: the training split, batches of 64, seed 0
+        stats = calibrate(space, model, loader(data.train, batch_size=64, shuffle=True, seed=0),
+                          ["wsp_data"], n_images=32, device="cpu", progress=False)
+    result = prune(model, data, "flops<=50%", method="wsp", wsp_variant=variant, calib_images=32,
+                   progress=False, device="cpu")
+    expected = wsp_plan(space, stats, budget="flops<=50%", variant=variant)
+    assert result.plan.keep == expected.keep and result.plan.widths == expected.widths
+    assert result.report["wsp"] == {"variant": variant, "p": expected.meta["p"]}
+    assert result.report["criterion"] == {"wsp" if variant == "weight" else "wsp_data": 1.0}
+    assert result.plan.meta["p"] == expected.meta["p"] and result.plan.meta["variant"] == variant
+    # independently: the weak sets at that percentile are gone, every other channel stays
+    weak = weak_sets(space, stats, expected.meta["p"], variant)
+    n_weak = sum(len(w) for w in weak.values())
+    assert n_weak > 50
+    for unit in space.units:
+        keep = set(result.plan.keep.get(unit.name, range(unit.width)))
+        assert unit.step == 1 and not keep & set(weak[unit.name].tolist()), unit.name
+        assert keep == set(range(unit.width)) - set(weak[unit.name].tolist()), unit.name
+    target = ap.Budget.parse("flops<=50%").target(space)
+    assert space.cost(space.complete(result.plan.kept_widths())).flops <= target
+
+
+def test_wsp_variant_is_checked_before_any_work():
+    from autoprune.errors import AutopruneError
+    from autoprune.prune import prune
+    with pytest.raises(AutopruneError, match="unknown wsp_variant 'grad'; choose one of weight, data") as info:
+        prune(None, None, "flops<=50%", method="wsp", wsp_variant="grad")
+    assert "\n" not in str(info.value)

@@ -14,9 +14,9 @@ import torch
 
 import autoprune as ap
 from autoprune.budget import Budget
-from autoprune.errors import AutopruneError
+from autoprune.errors import AutopruneError, CriterionError
 from autoprune.search import Candidate, SearchSpace, SearchSpaceError, load
-from autoprune.search.space import packaged, stage_of
+from autoprune.search.space import WEIGHT_LOW, packaged, stage_of
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
@@ -159,14 +159,44 @@ def test_mix_weights_selfgroup_and_single_criterion(space):
     names = list(s.variables(space))
     assert names[-5:] == ["w/di", "w/l1", "w/hrank", "sg/k", "sg/cp"]
     params = {n: 0.3 for n in names if n.startswith("ratio/")}
-    c = s.candidate({**params, "w/di": 0.6, "w/l1": 0.2, "w/hrank": 0.0, "sg/k": 8, "sg/cp": 0.5}, space)
-    assert c.mix == pytest.approx({"di": 0.75, "l1": 0.25, "hrank": 0.0})
+    c = s.candidate({**params, "w/di": 0.6, "w/l1": 0.2, "w/hrank": 0.2, "sg/k": 8, "sg/cp": 0.5}, space)
+    assert c.mix == pytest.approx({"di": 0.6, "l1": 0.2, "hrank": 0.2})
     assert c.selfgroup == {"k": 8, "cp": 0.5}
-    c = s.candidate({**params, "w/di": 0.0, "w/l1": 0.0, "w/hrank": 0.0, "sg/k": 4, "sg/cp": 0.2}, space)
-    assert c.mix == pytest.approx({"di": 1 / 3, "l1": 1 / 3, "hrank": 1 / 3})  # all zero: equal
     one = custom(criteria=["l1"])
     assert not [n for n in one.variables(space) if n.startswith("w/")]
     assert one.candidate(params, space).mix == {"l1": 1.0}
+
+
+@pytest.mark.parametrize("name", ["resnet_cifar", "generic", "vgg_cifar", "three"])
+def test_sampled_mix_weights_are_strictly_positive(space, name):
+    """Every weight a space can sample is > 0 (its distribution's low end is WEIGHT_LOW),
+    so no sampled mix is all zero; criteria.mix itself refuses all-zero in one line."""
+    s = custom(criteria=["di", "l1", "hrank"]) if name == "three" else load(name)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    weights = []
+    for _ in range(30):
+        trial = study.ask()
+        s.define(space)(trial)
+        dists = {n: d for n, d in trial.distributions.items() if n.startswith("w/")}
+        assert len(dists) == (len(s.criteria) if len(s.criteria) > 1 else 0)
+        assert all(d.low == WEIGHT_LOW > 0 and d.high == 1.0 for d in dists.values())
+        weights += [trial.params[n] for n in dists]
+        mix = s.candidate(trial.params, space).mix
+        assert sum(mix.values()) == pytest.approx(1.0) and min(mix.values()) > 0
+        study.tell(trial, 0.0)
+    assert all(w >= WEIGHT_LOW for w in weights)
+    lowest = s.candidate({**trial.params, **{n: WEIGHT_LOW for n in dists}}, space).mix
+    assert all(w > 0 for w in lowest.values())  # the least a sampler can give still mixes
+    with pytest.raises(CriterionError) as info:
+        ap.criteria.mix({"di": 0.0, "l1": 0.0}, {"di": {"u": torch.ones(2)}, "l1": {"u": torch.ones(2)}})
+    assert "\n" not in str(info.value) and "every weight is 0" in str(info.value)
+
+
+def test_all_zero_user_mix_is_refused_before_any_work():
+    """prune() refuses criterion={"di": 0, "hpse": 0} before it touches model or data."""
+    with pytest.raises(CriterionError, match="every weight is 0") as info:
+        ap.prune(None, None, "flops<=50%", method="uniform", criterion={"di": 0, "hpse": 0})
+    assert "\n" not in str(info.value)
 
 
 def test_accuracy_flops_objective_searches_the_budget_fraction(space):

@@ -21,7 +21,7 @@ from autoprune.cli import main
 from autoprune.errors import AutopruneError
 from autoprune.search import SearchSpace, SearchSpaceError, load
 from autoprune.search.samplers import sampler_args, sampler_class
-from autoprune.search.space import MAX_FILE_BYTES, NOT_IN_SEARCH, SAMPLERS, show
+from autoprune.search.space import MAX_FILE_BYTES, NOT_IN_SEARCH, SAMPLERS, WEIGHT_LOW, show
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
@@ -225,16 +225,17 @@ def space():
 
 
 @pytest.mark.parametrize("weights", [(0.0, 0.0, 0.0), (5e-324, 0.0, 0.0), (5e-324, 5e-324, 5e-324),
-                                     (1.0, 1.0, 1.0), (-1.0, 2.0, 0.0)])
-def test_any_sampled_weights_give_a_mix_criteria_mix_accepts(space, weights):
-    """All-zero weights mean equal weights (module doc); out-of-range ones are clipped
-    into [0, 1]: the mix always sums to 1 and criteria.mix never refuses it."""
+                                     (1.0, 1.0, 1.0), (-1.0, 2.0, 0.0), (0.05, 1.0, 0.3)])
+def test_any_handed_in_weights_give_a_mix_criteria_mix_accepts(space, weights):
+    """Weights are sampled in [WEIGHT_LOW, 1] (never 0); a value handed in outside that
+    range is clipped into it like every variable's, so the mix is the clipped weights over
+    their sum (no special all-zero rule), sums to 1 and criteria.mix never refuses it."""
     s = SearchSpace.from_dict({"ratios": [{"high": 0.5, "tie": "all"}], "criteria": ["di", "l1", "hrank"]})
     params = {"ratio/all": 0.3, **{f"w/{c}": w for c, w in zip(s.criteria, weights)}}
     mix = s.candidate(params, space).mix
-    assert sum(mix.values()) == pytest.approx(1.0) and min(mix.values()) >= 0
-    if max(weights) <= 0:
-        assert mix == pytest.approx({c: 1 / 3 for c in s.criteria})
+    clipped = [min(1.0, max(WEIGHT_LOW, w)) for w in weights]
+    assert mix == pytest.approx({c: w / sum(clipped) for c, w in zip(s.criteria, clipped)})
+    assert sum(mix.values()) == pytest.approx(1.0) and min(mix.values()) > 0
     scores = {c: {"u": torch.arange(4.0) * (i + 1)} for i, c in enumerate(s.criteria)}
     assert criteria.mix(mix, scores)["u"].shape == (4,)
 

@@ -10,8 +10,12 @@ the criterion counts each channel's votes, and :func:`autoprune.grouping.cluster
 ("hpse") takes the mode. Pruning the lowest-edge channels within each group at the same
 rate keeps representatives of every shape (``select(..., clusters=...)``).
 
-'same' padding of an even kernel is taken as zero padding after the map (right and
-bottom), as PyTorch's ``padding="same"`` does: ``Dx[h, w] = F[h, w+1] − F[h, w]``.
+'same' output size with an even kernel needs one extra column (row) after the map; it
+is *replicate* padding, the border value repeated: ``Dx[h, w] = F[h, w+1] − F[h, w]``
+with ``F[h, W] = F[h, W−1]``, so the last column has ``Dx = 0`` and ``Sx = 2·F``. Zero
+padding (PyTorch's ``padding="same"``) would turn every map's border into a step down to
+0 and add its mean level to the edge score: a constant map would score edges. With
+replicate padding a constant map's edge energy is exactly 0, for both maps alike.
 """
 
 from __future__ import annotations
@@ -35,10 +39,11 @@ def as_images(maps: torch.Tensor) -> torch.Tensor:
 
 
 def edge_shape_maps(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Edge and shape maps (E, S), each [N, C, H, W], of maps [N, C, H, W] ('same', zero padded)."""
+    """Edge and shape maps (E, S), each [N, C, H, W], of maps [N, C, H, W] ('same' size,
+    replicate padded: the last column/row repeats, so a constant map has no edges)."""
     x = as_images(maps).float()
-    right = F.pad(x, (0, 1))[..., :, 1:]      # F[h, w+1], 0 past the border
-    below = F.pad(x, (0, 0, 0, 1))[..., 1:, :]  # F[h+1, w]
+    right = torch.cat([x[..., :, 1:], x[..., :, -1:]], dim=-1)   # F[h, w+1], F[h, W-1] past the border
+    below = torch.cat([x[..., 1:, :], x[..., -1:, :]], dim=-2)   # F[h+1, w], F[H-1, w] past the border
     edge = torch.sqrt((right - x) ** 2 + (below - x) ** 2)
     shape = torch.sqrt((right + x) ** 2 + (below + x) ** 2)
     return edge, shape

@@ -35,7 +35,9 @@ class Context:
     ``model``/``data`` may be None where the caller has none (then a method that needs
     them raises or does without). ``options`` holds method options by their
     :func:`autoprune.prune` names (``greedy_mode``, ``greedy_step``, ``greedy_bn_batches``,
-    ``greedy_recalibrate``, ``wsp_variant``); absent keys take the method's defaults."""
+    ``greedy_recalibrate``, ``wsp_variant``); absent keys take the method's defaults.
+    ``clusters`` (unit → channel labels, or None) are the labels the pipeline will select
+    the Plan's channels with; a method that evaluates channel sets (greedy) must use them."""
 
     model: Any
     data: Any
@@ -47,13 +49,15 @@ class Context:
     device: Any = None
     progress: bool = True
     options: dict = field(default_factory=dict)
+    clusters: Mapping | None = None
 
 
 class WidthMethod:
     """Base class: set ``name``, ``help`` (one line for the CLI and README) and
     ``needs_calibration`` (whether the pipeline calibrates and scores before calling
     :meth:`widths`; a method whose WidthResult carries its own Plan may not need it);
-    implement :meth:`widths`; override :meth:`check` to validate options up front."""
+    implement :meth:`widths`; override :meth:`check` to validate options up front and
+    :meth:`calibrates` to have the pipeline calibrate what the method reads itself."""
 
     name: ClassVar[str]
     help: ClassVar[str]
@@ -63,6 +67,12 @@ class WidthMethod:
 
     def check(self, options: Mapping[str, Any]) -> None:
         """AutopruneError naming the option, its value and the choices, before any work."""
+
+    def calibrates(self, options: Mapping[str, Any]) -> tuple[str, ...]:
+        """Criteria whose calibration summaries the method reads itself (``context.stats``),
+        calibrated in the same pass as the criterion's, even when ``needs_calibration`` is
+        False (WSP's data variant: ``wsp_data``). Default: none."""
+        return ()
 
     def widths(self, space, budget: Budget, context: Context) -> WidthResult:
         """Per unit, the channels to keep; the cost must be at most ``budget.target(space)``."""

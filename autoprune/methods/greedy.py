@@ -3,7 +3,10 @@
 Wraps :func:`autoprune.greedy.greedy_widths`. With the model and data in the context,
 each committed step's validation accuracy is recorded (after adaptive BN on
 ``greedy_bn_batches`` training batches), and ``greedy_mode="accuracy"`` ranks the
-candidate steps by it (the authors' way) instead of criterion loss per FLOP.
+candidate steps by it (the authors' way) instead of the score lost per FLOP saved
+(``"criterion"``, the default: see :mod:`autoprune.greedy`). With ``context.clusters`` the
+candidates keep channels per cluster exactly as the final Plan will. The result's
+``info["greedy"]`` and every trajectory entry name the mode.
 """
 
 from __future__ import annotations
@@ -64,5 +67,5 @@ class Greedy(WidthMethod):
                                  "context a model and data (or use greedy_mode 'criterion')")
         result = greedy_widths(space, context.scores, budget, step=o["greedy_step"], mode=o["greedy_mode"],
                                evaluator=judge, recalibrate_every=o["greedy_recalibrate"],
-                               progress=context.progress)
-        return WidthResult(result.widths, result.trajectory)
+                               progress=context.progress, clusters=context.clusters)
+        return WidthResult(result.widths, result.trajectory, info={"greedy": result.info})

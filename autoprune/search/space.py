@@ -34,9 +34,10 @@ files under ``autoprune/search_spaces/`` comment each one):
 ``criteria``
     Criterion names (``autoprune.criteria.available()`` except ``fpar``, which needs an
     attention input the search does not compute yet). With several, each gets a
-    weight ``w/<name>`` in [0, 1]; the candidate's mix is the weights divided by their
-    sum, and when every weight is 0 (the sum is 0) each criterion gets 1/n: a mix is
-    never refused. One name is weight 1, no variable.
+    weight ``w/<name>`` in [:data:`WEIGHT_LOW`, 1] = [0.05, 1], never 0, so the sum is
+    positive and the candidate's mix (the weights divided by their sum) always passes
+    :func:`autoprune.criteria.check_weights`; a criterion can weigh at most 20× another.
+    One name is weight 1, no variable.
 ``selfgroup``
     ``None`` or ``{k: [choices], cp: [low, high]}``: SG-CNN self-grouping of every
     eligible conv after pruning, one ``sg/k`` and one ``sg/cp`` for the whole model
@@ -97,8 +98,13 @@ from .validate import (ASHA_DEFAULTS, BUDGET_SCALE_DEFAULT, MAX_CHOICES, MAX_K, 
                        TOP_KEYS, Section, parse_document)
 from .yaml_file import MAX_DEPTH, MAX_FILE_BYTES, MAX_NODES, packaged, read_yaml, resolve  # noqa: F401
 
-__all__ = ["Candidate", "OBJECTIVES", "SAMPLERS", "SearchSpace", "SearchSpaceError", "load", "packaged",
-           "stage_of"]
+__all__ = ["Candidate", "OBJECTIVES", "SAMPLERS", "SearchSpace", "SearchSpaceError", "WEIGHT_LOW", "load",
+           "packaged", "stage_of"]
+
+WEIGHT_LOW = 0.05
+"""The smallest mix weight a search samples (``w/<name>`` is in [WEIGHT_LOW, 1]): strictly
+positive, so an all-zero mix, which :func:`autoprune.criteria.check_weights` refuses,
+cannot arise."""
 
 
 def stage_of(unit: str) -> str:
@@ -292,7 +298,7 @@ class SearchSpace:
             out += [_Var(f"k/{key}", "k", tuple(units), choices=tuple(self.clusters.k))
                     for key, units in kgroups.items()]
         if len(self.criteria) > 1:
-            out += [_Var(f"w/{c}", "w", tuple(names), low=0.0, high=1.0) for c in self.criteria]
+            out += [_Var(f"w/{c}", "w", tuple(names), low=WEIGHT_LOW, high=1.0) for c in self.criteria]
         if self.selfgroup is not None:
             out.append(_Var("sg/k", "sg_k", tuple(names), choices=tuple(self.selfgroup.k)))
             out.append(_Var("sg/cp", "sg_cp", tuple(names), *self.selfgroup.cp))
@@ -318,8 +324,9 @@ class SearchSpace:
     def candidate(self, params: Mapping[str, Any], space) -> Candidate:
         """The structure a trial's params describe (flat Optuna names or Ray's nested config).
 
-        Weights are normalised to sum 1; if all are 0, every criterion gets an equal
-        weight. Units no ratio rule matches get ratio 0. Keys other than the
+        Weights are normalised to sum 1 (each is at least :data:`WEIGHT_LOW`, so the sum
+        is positive). A value outside its variable's range is clipped into it, as for
+        every variable. Units no ratio rule matches get ratio 0. Keys other than the
         variables are ignored.
         """
         flat = _flatten(params)
@@ -346,9 +353,8 @@ class SearchSpace:
         if len(self.criteria) == 1:
             mix = {self.criteria[0]: 1.0}
         else:
-            total = sum(weights.values())
-            mix = ({c: weights[c] / total for c in self.criteria} if total > 0
-                   else {c: 1.0 / len(self.criteria) for c in self.criteria})
+            total = sum(weights.values())  # >= WEIGHT_LOW · n > 0: read() clips into the range
+            mix = {c: weights[c] / total for c in self.criteria}
         return Candidate(ratios=ratios, cluster_method=self.clusters.method if self.clusters else None,
                          cluster_k=cluster_k, mix=mix, selfgroup=sg or None, budget_scale=scale)
 
