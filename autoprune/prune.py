@@ -109,10 +109,8 @@ def prune(model: nn.Module, data: DataBundle, budget: "str | Budget" = "flops<=5
                              distill, bn_batches, progress, device)
     report.update(method=method, criterion=weights, clusters=clusters, cluster_k=cluster_k, seed=seed,
                   trajectory=chosen.trajectory, elapsed_s=round(time.time() - start, 2))
-    if "greedy" in chosen.info:  # the greedy's mode and its rule, next to its trajectory
-        report["greedy"] = chosen.info["greedy"]
-    if "wsp" in chosen.info:  # WSP's variant and the percentile its weak set was taken at
-        report["wsp"] = chosen.info["wsp"]
+    if method in chosen.info:  # the method's own notes (greedy: mode and rule; wsp: variant, p)
+        report[method] = chosen.info[method]
     if out is not None:
         pipeline.write_outputs(Path(out), plan, small, report)
     return Result(small, plan, report)

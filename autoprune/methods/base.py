@@ -20,7 +20,9 @@ from ..plan import Plan
 @dataclass(frozen=True)
 class WidthResult:
     """Kept channels per unit; the method's trajectory and notes; its own Plan if it chose
-    the channels too (then ``info["criterion"]`` may name what it ranked them by)."""
+    the channels too (then ``info["criterion"]`` may name what it ranked them by).
+    ``info[<method name>]`` (e.g. the greedy's mode and rule) goes into the report under
+    that name."""
 
     widths: dict[str, int]
     trajectory: list[dict] = field(default_factory=list)
