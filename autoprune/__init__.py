@@ -34,7 +34,7 @@ _SOURCES = {  # public name -> (submodule, attribute; None: the submodule itself
     "wsp_plan": ("wsp", "wsp_plan"), "wsp_widths": ("wsp", "wsp_widths"),
     "fpar_attention": ("criteria.fpar", "attention"), "fpar_scores": ("criteria.fpar", "fpar_scores"),
     "methods": ("methods", None), "Result": ("pipeline", "Result"), "prune": ("prune", "prune"), "compare": ("compare", "compare"),
-    "proxy_fidelity": ("compare", "proxy_fidelity"),
+    "proxy_fidelity": ("fidelity", "proxy_fidelity"),
 }
 # Functions named like their module: importing the module must not rebind the name to it.
 _FUNCTIONS = frozenset(name for name, (module, attr) in _SOURCES.items() if attr == module == name)

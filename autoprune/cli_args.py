@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from .errors import AutopruneError, short
+from .idx import ENV_VAR as IDX_ENV_VAR, SYSTEM_DIR as IDX_SYSTEM_DIR
 from .limits import MAX_CHANNELS, MAX_CLASSES, MAX_IMAGE_SIZE
 from .train import MAX_LR
 
@@ -108,30 +109,104 @@ WSP_VARIANT = arg("--wsp-variant", default="weight", choices=Later(_wsp_variants
 """Method wsp's saliency variant (:data:`autoprune.criteria.wsp.VARIANTS`)."""
 
 
+def _greedy_help(text: str, key: str) -> Later:
+    def make() -> str:
+        from .methods.greedy import DEFAULTS
+        return f"{text} (default {DEFAULTS[key]})"
+    return Later(make)
+
+
+GREEDY = (
+    arg("--greedy-mode", metavar="MODE", help=_greedy_help(
+        "--method greedy: accuracy (commit the step whose masked network scores best on validation, "
+        "as the DI authors) or criterion (cheap: least DI lost per FLOP saved)", "greedy_mode")),
+    arg("--greedy-step", type=POS_FLOAT, metavar="F",
+        help=_greedy_help("FLOPs or params removed per greedy step, a fraction of the base (the authors: "
+                          "0.005)", "greedy_step")),
+    arg("--greedy-bn-batches", type=NONNEG_INT, metavar="N",
+        help=_greedy_help("adaptive-BN batches before scoring each greedy step's accuracy (0: none)",
+                          "greedy_bn_batches")),
+    arg("--greedy-rescore", type=NONNEG_INT, metavar="N",
+        help=_greedy_help("re-rank the kept channels by the criterion on the pruned network every N "
+                          "greedy steps (1: every step, the authors'; 0: never)", "greedy_rescore")),
+    arg("--greedy-cap", type=POS_FLOAT, metavar="F",
+        help=_greedy_help("a unit at least this fraction pruned proposes no more greedy steps (1: no "
+                          "cap)", "greedy_cap")),
+    arg("--greedy-finetune-every", type=NONNEG_INT, metavar="K",
+        help=_greedy_help("fine-tune the greedy's working copy every K steps (0: never)",
+                          "greedy_finetune_every")),
+    arg("--greedy-finetune-steps", type=POS_INT, metavar="S",
+        help=_greedy_help("SGD steps of each greedy fine-tune", "greedy_finetune_steps")),
+    arg("--greedy-recalibrate", type=NONNEG_INT, metavar="N",
+        help=_greedy_help("re-estimate BN under the committed structure every N greedy steps (0: never)",
+                          "greedy_recalibrate")),
+)
+"""Method greedy's options (:data:`autoprune.methods.greedy.DEFAULTS`); unset ones keep prune's defaults."""
+
+
+def greedy_options(args: argparse.Namespace) -> dict:
+    """The greedy options given on the command line, as :func:`autoprune.prune` keywords."""
+    names = ("greedy_mode", "greedy_step", "greedy_bn_batches", "greedy_rescore", "greedy_cap",
+             "greedy_finetune_every", "greedy_finetune_steps", "greedy_recalibrate")
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
+def _data_help(required: bool) -> Callable[[], str]:
+    def make() -> str:
+        from .data import DATASET_NAMES
+        names = ", ".join(DATASET_NAMES[:-1]) + f" or {DATASET_NAMES[-1]}"
+        return names + ("" if required else " (default: the checkpoint's)")
+    return make
+
+
 def data_args(required: bool) -> tuple:
     """--data and its options; optional where a checkpoint can name its own data."""
     return (
-        arg("--data", required=required, metavar="NAME",
-            help="digits, synthetic, cifar10, cifar100 or imagefolder:PATH"
-                 + ("" if required else " (default: the checkpoint's)")),
+        arg("--data", required=required, metavar="NAME", help=Later(_data_help(required))),
         arg("--image-size", type=IMAGE_SIZE, metavar="N",
             help=f"resize images to NxN, N <= {MAX_IMAGE_SIZE} (dataset default)"),
-        arg("--data-root", metavar="DIR", help="folder holding cifar10/cifar100 files"),
-        arg("--download", action="store_true", help="download cifar10/cifar100 into --data-root"),
+        arg("--train-size", type=POS_INT, metavar="N",
+            help="train on a stratified subset of N training images (datasets whose loader takes "
+                 "train_size: fashion-mnist; the others refuse it)"
+                 + ("" if required else "; default: the checkpoint's, else all")),
+        arg("--data-root", metavar="DIR",
+            help="folder holding the cifar10/cifar100 or fashion-mnist files (fashion-mnist is also "
+                 f"looked for in ${IDX_ENV_VAR} and {IDX_SYSTEM_DIR})"),
+        arg("--download", action="store_true",
+            help="download cifar10/cifar100 or fashion-mnist into --data-root"),
     )
+
+
+def data_options(args: argparse.Namespace, saved: dict | None = None) -> dict:
+    """The dataset options the data arguments ask for beyond name, size, seed, root and download:
+    ``train_size`` when --train-size is given (or, for the checkpoint's own dataset, recorded in
+    its ``saved`` data settings). Only given options are passed, so a dataset whose loader does
+    not take one refuses it with one line (:func:`autoprune.data.load`)."""
+    size = args.train_size if args.train_size is not None else (saved or {}).get("train_size")
+    return {} if size is None else {"train_size": size}
 
 
 DATA = data_args(required=True)
 
-
-BASELINE_AND_BUDGET = (
+BASELINE = (
     arg("--checkpoint", metavar="FILE", help="baseline from 'autoprune train'"),
     arg("--model", metavar="NAME", help="without --checkpoint: train (and cache) this baseline"),
     *data_args(required=False),
+)
+"""The baseline: a checkpoint, or a model name and data to train and cache one."""
+
+BASELINE_AND_BUDGET = (
+    *BASELINE,
     arg("--flops", metavar="V", help="FLOPs that remain: 50%%, 0.5 or 62M"),
     arg("--params", metavar="V", help="parameters that remain: 50%% or 1.2M"),
 )
 """The baseline (a checkpoint, or a model name and data to train and cache one) and one budget."""
+
+BUDGETS = (
+    arg("--flops", nargs="+", metavar="V", help="FLOPs budgets, e.g. 70%% 50%% 30%%"),
+    arg("--params", nargs="+", metavar="V", help="params budgets, e.g. 60%% 40%%"),
+)
+"""Several budgets of one kind (compare, fidelity); :func:`budgets_of` parses them."""
 
 FINETUNE = (
     arg("--epochs", type=NONNEG_INT, default=5, help="fine-tuning epochs of the pruned model (default 5)"),
@@ -155,6 +230,14 @@ def budget_of(args: argparse.Namespace) -> "Budget":
         raise UsageError("give exactly one budget: --flops VALUE or --params VALUE (e.g. --flops 50%)")
     kind, value = ("flops", args.flops) if args.flops is not None else ("params", args.params)
     return parse_budget(f"{kind}<={value}")
+
+
+def budgets_of(args: argparse.Namespace) -> "list[Budget]":
+    """--flops 70% 50% / --params 60% 40% (:data:`BUDGETS`) as Budgets, each parsed once, here."""
+    if (args.flops is None) == (args.params is None):
+        raise UsageError("give budgets with exactly one of --flops or --params (e.g. --flops 70% 50% 30%)")
+    kind, values = ("flops", args.flops) if args.flops else ("params", args.params)
+    return [parse_budget(f"{kind}<={v}") for v in values]
 
 
 def parse_budget(text: str) -> "Budget":

@@ -1,5 +1,5 @@
-"""The subcommands of the command line: ``info``, ``train``, ``prune``, ``search`` and
-``compare``, each one function registered with :func:`autoprune.cli_args.command` (in this
+"""The subcommands of the command line: ``info``, ``train``, ``prune``, ``search``, ``compare``
+and ``fidelity``, each one function registered with :func:`autoprune.cli_args.command` (in this
 order, which is the order ``--help`` lists them). Each checks every option before any long
 work, then calls the Python API; :mod:`autoprune.cli` parses and dispatches.
 """
@@ -12,9 +12,10 @@ from typing import Sequence
 
 import torch
 
-from .cli_args import (BASELINE_AND_BUDGET, CHANNELS, CLASSES, DATA, FINETUNE, IMAGE_SIZE, LR,
-                       NONNEG_INT, POS_INT, SEED, WSP_VARIANT, Later, UsageError, arg, budget_of, command,
-                       data_args, parse_budget, parse_criterion, writable_dir, writable_file)
+from .cli_args import (BASELINE, BASELINE_AND_BUDGET, BUDGETS, CHANNELS, CLASSES, DATA, FINETUNE, GREEDY,
+                       IMAGE_SIZE, LR, NONNEG_INT, POS_INT, SEED, WSP_VARIANT, Later, UsageError, arg, budget_of,
+                       budgets_of, command, data_options, greedy_options, parse_criterion, writable_dir,
+                       writable_file)
 from .errors import AutopruneError, CheckpointError, ModelError
 from .limits import MAX_CLASSES, MAX_IMAGE_SIZE
 
@@ -109,7 +110,7 @@ def _prune_inputs(args: argparse.Namespace):
         if args.model is None or args.data is None:
             raise UsageError("give --checkpoint FILE, or --model NAME and --data NAME")
         bundle = data.load(args.data, image_size=args.image_size, seed=args.seed,
-                           root=args.data_root, download=args.download)
+                           root=args.data_root, download=args.download, **data_options(args))
         check_fits(models.create(args.model, num_classes=bundle.num_classes), bundle)
         model, _ = cached_baseline(args.model, bundle, epochs=args.baseline_epochs, seed=args.seed,
                                    progress=not args.no_progress)
@@ -121,7 +122,8 @@ def _prune_inputs(args: argparse.Namespace):
         raise UsageError(f"{args.checkpoint} does not record its dataset; pass --data NAME")
     size = args.image_size or (saved.get("image_size") if name == saved.get("name") else None)
     bundle = data.load(name, image_size=size, seed=args.seed, root=args.data_root,
-                       download=args.download)
+                       download=args.download,
+                       **data_options(args, saved if name == saved.get("name") else None))
     check_compatible(model, bundle, f"checkpoint {args.checkpoint}")
     check_fits(model, bundle)
     return model, bundle
@@ -190,7 +192,7 @@ def train(args: argparse.Namespace) -> int:
 
     writable_file(args.out)
     bundle = data.load(args.data, image_size=args.image_size, seed=args.seed,
-                       root=args.data_root, download=args.download)
+                       root=args.data_root, download=args.download, **data_options(args))
     torch.manual_seed(args.seed)
     model = models.create(args.model, num_classes=bundle.num_classes)
     _probe(model, bundle.input_shape, args.model)
@@ -216,12 +218,10 @@ def train(args: argparse.Namespace) -> int:
     arg("--clusters", metavar="M", help="keep channels per cluster: hpse, fchp or sg"),
     arg("--cluster-k", type=POS_INT, metavar="K",
         help="clusters per unit for --clusters (default: the clustering's own)"),
-    arg("--greedy-mode", default="criterion", help="criterion (default, fast) or accuracy"),
-    arg("--greedy-bn-batches", type=NONNEG_INT, default=5, metavar="N",
-        help="adaptive-BN batches before scoring each greedy step's accuracy (default 5; 0: none)"),
-    arg("--greedy-recalibrate", type=NONNEG_INT, default=0, metavar="N",
-        help="re-estimate BN under the committed structure every N greedy steps (default 0: never)"),
+    *GREEDY,
     WSP_VARIANT,
+    arg("--sg-k", type=POS_INT, default=16, metavar="K",
+        help="--method selfgroup's k-means filter groups per layer (default 16, capped at its filters)"),
     *FINETUNE,
     arg("--out", required=True, metavar="DIR", help="receives model.pt, plan.json, report.json, widths.png"),
     arg("--no-progress", action="store_true", help="no progress bars"),
@@ -231,24 +231,24 @@ def prune(args: argparse.Namespace) -> int:
     from .prune import prune as run
 
     budget = budget_of(args)  # every option checked before a baseline is trained or loaded
-    criterion = check_options(args.method, parse_criterion(args.criterion), args.clusters, args.greedy_mode,
-                              args.calib_images, args.cluster_k, greedy_bn_batches=args.greedy_bn_batches,
-                              greedy_recalibrate=args.greedy_recalibrate, wsp_variant=args.wsp_variant)
+    greedy = greedy_options(args)
+    criterion = check_options(args.method, parse_criterion(args.criterion), args.clusters,
+                              calib_images=args.calib_images, cluster_k=args.cluster_k,
+                              wsp_variant=args.wsp_variant, sg_k=args.sg_k, **greedy)
     out = writable_dir(args.out)
     model, bundle = _prune_inputs(args)
     result = run(model, bundle, budget, method=args.method, criterion=criterion,
                  clusters=args.clusters, cluster_k=args.cluster_k, finetune_epochs=args.epochs, lr=args.lr,
                  distill=args.distill, seed=args.seed, calib_images=args.calib_images,
-                 greedy_mode=args.greedy_mode, greedy_bn_batches=args.greedy_bn_batches,
-                 greedy_recalibrate=args.greedy_recalibrate, wsp_variant=args.wsp_variant, out=out,
+                 wsp_variant=args.wsp_variant, sg_k=args.sg_k, out=out, **greedy,
                  progress=not args.no_progress)
     _summary(result.report)
     print(f"saved {out / 'model.pt'} (load with autoprune.load), plan.json, report.json, widths.png")
     return 0
 
 
-SEARCH_INPUTS = ("checkpoint", "model", "data", "image_size", "data_root", "download", "baseline_epochs",
-                 "seed", "epochs", "lr", "distill", "calib_images", "flops", "params")
+SEARCH_INPUTS = ("checkpoint", "model", "data", "image_size", "train_size", "data_root", "download",
+                 "baseline_epochs", "seed", "epochs", "lr", "distill", "calib_images", "flops", "params")
 
 
 @command(
@@ -316,50 +316,100 @@ def search(args: argparse.Namespace) -> int:
 
 @command(
     "compare", "compare width methods side by side at several budgets",
-    arg("--checkpoint", metavar="FILE", help="baseline from 'autoprune train'"),
-    arg("--model", metavar="NAME", help="without --checkpoint: train (and cache) this baseline"),
-    *data_args(required=False),
-    arg("--flops", nargs="+", metavar="V", help="FLOPs budgets, e.g. 70%% 50%% 30%%"),
-    arg("--params", nargs="+", metavar="V", help="params budgets, e.g. 60%% 40%%"),
+    *BASELINE,
+    *BUDGETS,
     arg("--methods", default=Later(_methods_default),
         help=Later(lambda: f"comma list (default {_methods_default()})")),
     arg("--criterion", metavar="C", help="criterion or mix for greedy/uniform (default di)"),
-    arg("--seeds", type=NONNEG_INT, nargs="+", default=[0, 1, 2], help="default 0 1 2"),
+    *GREEDY,
+    arg("--seeds", type=NONNEG_INT, nargs="+", default=[0, 1, 2, 3, 4],
+        help="seeds per budget and method, paired across methods (default 0 1 2 3 4)"),
     arg("--epochs", type=NONNEG_INT, default=5, help="fine-tuning epochs for every method (default 5)"),
-    arg("--space", default="generic", help="search space for method search (default generic)"),
-    arg("--trials", type=POS_INT, default=16, help="search trials (default 16)"),
+    arg("--space", default="generic",
+        help="search space for method search, its arms (random, search_widths) and --fidelity (default generic)"),
+    arg("--trials", type=POS_INT, default=16, help="trials of search and of each of its arms (default 16)"),
     arg("--workers", type=POS_INT, default=2, help="concurrent search trials (default 2)"),
     arg("--fidelity", type=NONNEG_INT, default=0, metavar="N",
-        help="also measure proxy fidelity on N random structures (0: skip)"),
+        help="also measure proxy fidelity on N random structures per budget (at least 3; 0: skip): "
+             "fidelity.json, fidelity.md"),
     arg("--baseline-epochs", type=POS_INT, default=30, help="epochs when training the baseline (default 30)"),
     arg("--seed", type=NONNEG_INT, default=0, help="data split and baseline seed (default 0)"),
     arg("--out", required=True, metavar="DIR", help="receives results.csv/json/md, plots, runs/"),
     arg("--no-progress", action="store_true", help="no progress bars"),
 )
 def compare(args: argparse.Namespace) -> int:
-    from .compare import check_options, compare as run, markdown, proxy_fidelity
+    from .compare import check_options, compare as run, markdown
+    from .prune import search_run
 
-    if (args.flops is None) == (args.params is None):
-        raise UsageError("give budgets with exactly one of --flops or --params (e.g. --flops 70% 50% 30%)")
-    kind, values = ("flops", args.flops) if args.flops else ("params", args.params)
-    budgets = [parse_budget(f"{kind}<={v}") for v in values]
+    budgets = budgets_of(args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     criterion = parse_criterion(args.criterion)
-    check_options(methods, criterion, space=args.space if "search" in methods else None, what="--methods")
+    check_options(methods, criterion, space=args.space, what="--methods")  # the space if a search runs
+    greedy = greedy_options(args)
+    if greedy and "greedy" in methods:
+        from . import methods as width_methods
+        width_methods.get("greedy").check(greedy)
+    searches = any(search_run(m) is not None for m in methods)
+    if args.fidelity:
+        _check_fidelity(args, budgets, n=args.fidelity, what="--fidelity")
     out = writable_dir(args.out)
     model, bundle = _prune_inputs(args)
-    extra = {"space": args.space, "trials": args.trials, "workers": args.workers} if "search" in methods else {}
+    extra = {"space": args.space, "trials": args.trials, "workers": args.workers} if searches else {}
     results = run(model, bundle, budgets, methods, args.seeds, finetune_epochs=args.epochs,
-                  criterion=criterion, out=out, progress=not args.no_progress, **extra)
-    print(markdown(results["summary"]), end="")
+                  criterion=criterion, out=out, progress=not args.no_progress, **extra, **greedy)
+    print(markdown(results["summary"], results["tests"], results["settings"]["reference"], results["skipped"],
+                   results["unreached"]), end="")
     if args.fidelity:
-        fid = proxy_fidelity(model, bundle, budgets[len(budgets) // 2], n=args.fidelity, space=args.space,
-                             finetune_epochs=args.epochs, seed=args.seed, progress=not args.no_progress)
-        from .checkpoint import write_json
-        write_json(out / "fidelity.json", fid)
-        print(f"proxy fidelity over {fid['n']} structures at {fid['budget']}: Kendall tau "
-              f"adaptive-BN {fid['kendall_tau_adaptive_bn']:.2f}, proxy fine-tune "
-              f"{fid['kendall_tau_proxy_finetune']:.2f}")
+        _fidelity(args, model, bundle, budgets, out, n=args.fidelity)
     print(f"wrote {out}/results.csv, results.json, results.md, accuracy_vs_flops.png, widths_*.png")
+    return 0
+
+
+def _check_fidelity(args: argparse.Namespace, budgets: list, n: int, what: str, **kw) -> None:
+    """Every proxy-fidelity option checked before any work (``what``: the option giving ``n``)."""
+    from .errors import OptionError
+    from .fidelity import check_options
+
+    try:
+        check_options(n, budgets, args.space, args.epochs, args.seed, **kw)
+    except OptionError as exc:
+        raise OptionError(f"{what}: {exc}") from None
+
+
+def _fidelity(args: argparse.Namespace, model, bundle, budgets: list, out: Path, n: int, **kw) -> None:
+    """Proxy fidelity at every budget, written as fidelity.json and fidelity.md into ``out``; ``kw``
+    (``bn_batches``) go to :func:`autoprune.fidelity.proxy_fidelity` (default: the runs' own)."""
+    from .fidelity import markdown, proxy_fidelity, write_fidelity
+
+    result = proxy_fidelity(model, bundle, budgets=budgets, n=n, space=args.space, finetune_epochs=args.epochs,
+                            seed=args.seed, progress=not args.no_progress, **kw)
+    write_fidelity(out, result)
+    print(f"proxy fidelity over {n} structures per budget (Kendall tau with the accuracy after the "
+          f"full fine-tune, {100 * result['confidence']:g}% bootstrap interval):")
+    print(markdown(result), end="")
+    print(f"wrote {out}/fidelity.json, fidelity.md")
+
+
+@command(
+    "fidelity", "measure how well the search's proxy ranks structures (Kendall tau with the full fine-tune)",
+    *BASELINE,
+    *BUDGETS,
+    arg("--n", type=POS_INT, default=24, help="random structures per budget, at least 3 (default 24)"),
+    arg("--space", default="generic", metavar="NAME|FILE",
+        help="search space whose structures and proxy are measured (default generic)"),
+    arg("--epochs", type=NONNEG_INT, default=5, help="full fine-tuning epochs per structure (default 5)"),
+    arg("--bn-batches", type=NONNEG_INT, default=50,
+        help="adaptive-BN batches for the proxy and before the full fine-tune, as the runs (default 50)"),
+    arg("--baseline-epochs", type=POS_INT, default=30, help="epochs when training the baseline (default 30)"),
+    SEED,
+    arg("--out", required=True, metavar="DIR", help="receives fidelity.json and fidelity.md"),
+    arg("--no-progress", action="store_true", help="no progress bars"),
+)
+def fidelity(args: argparse.Namespace) -> int:
+    budgets = budgets_of(args)
+    _check_fidelity(args, budgets, n=args.n, what="--n", bn_batches=args.bn_batches)
+    out = writable_dir(args.out)
+    model, bundle = _prune_inputs(args)
+    _fidelity(args, model, bundle, budgets, out, n=args.n, bn_batches=args.bn_batches)
     return 0
 

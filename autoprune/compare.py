@@ -1,8 +1,20 @@
-"""Side-by-side comparison of width methods at several budgets, and proxy fidelity.
+"""Side-by-side comparison of width methods at several budgets, with statistics and compute,
+and proxy fidelity.
 
-Every method gets the same baseline, calibration data, fine-tune recipe and seeds;
-results are tabulated as mean ± std over seeds (CSV, JSON, markdown) and plotted
-(accuracy vs FLOPs per method; per-unit widths of greedy vs searched structures).
+Every arm (a registered method: the width methods, ``search`` and its arms ``random`` and
+``search_widths``, :mod:`autoprune.methods.search_arms`) gets the same baseline, calibration
+data, fine-tune recipe and seeds (same seed = same calibration images and fine-tune order).
+Per budget and arm: accuracy as mean ± std over seeds with its 95% t-interval, and a paired
+t-test of the reference arm (``search``) against every other arm over the seeds both ran
+(:mod:`autoprune.stats`: mean difference with its interval, raw and Holm-adjusted p), beside
+what each run spent (``report["compute"]``: wall time, proxy evaluations, full fine-tunes,
+the method's own time ÷ the fine-tune's). Written as results.csv/json/md and plotted
+(accuracy vs FLOPs per arm; per-unit widths of greedy vs searched structures).
+
+A finished run in ``out/runs`` is reused only when its ``report["settings"]`` equal this
+run's (:func:`autoprune.prune.prune_settings`: data and splits, baseline digest, budget,
+method, options, fine-tune, trials and search-space digest, seed, autoprune's version);
+otherwise it is redone and one line on stderr names what changed.
 ``proxy_fidelity`` measures how far the search's cheap proxy can be trusted:
 Kendall τ between proxy scores and accuracy after the full fine-tune.
 """
@@ -12,34 +24,44 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shutil
 import statistics
 import sys
-from dataclasses import replace
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
-from scipy.stats import kendalltau
 from torch import nn
 
-from . import evaluate, methods as width_methods
+from . import methods as width_methods
 from .budget import Budget
 from .checkpoint import atomic_write_text, write_json
 from .data import DataBundle
-from .errors import AutopruneError, short
+from .errors import AutopruneError, BudgetError, OptionError, short
 from .pipeline import check_options as check_prune_options
-from .prune import prune
+from .prune import SEARCH_ONLY, prune, prune_settings, search_run
 from .search.space import SearchSpace
+from .fidelity import proxy_fidelity  # noqa: F401 - re-exported (moved to autoprune.fidelity)
+from .stats import CONFIDENCE, holm, interval, paired
 
 DEFAULT_METHODS = width_methods.available()
-"""Every registered width method, in registration order (the search included)."""
+"""Every registered method, in registration order (the search and its arms included)."""
+DEFAULT_SEEDS = (0, 1, 2, 3, 4)
+"""Five seeds per cell by default: enough for a t-interval and a paired test with some power."""
+REFERENCE = "search"
+"""The arm every other arm is tested against (paired over seeds) at each budget."""
 FIELDS = ("budget", "method", "seed", "accuracy", "accuracy_adaptive_bn", "flops", "params",
-          "flops_ratio", "latency_ms", "elapsed_s")
+          "flops_ratio", "latency_ms", "elapsed_s",
+          "proxy_evaluations", "finetunes", "finetune_s", "method_s", "search_cost")
+"""results.csv's columns: one row per run (the first ten as before; then report["compute"])."""
+_NUMBERS = ("accuracy", "accuracy_adaptive_bn", "flops", "params", "flops_ratio", "latency_ms", "elapsed_s",
+            "finetunes", "finetune_s", "method_s")
+_OPTIONAL_NUMBERS = ("proxy_evaluations", "search_cost")  # None: not reported / no fine-tune
 
 
 def check_options(methods: Sequence[str], criterion: "str | dict | None" = None,
                   space: "str | SearchSpace | None" = None, what: str = "methods") -> list[str]:
     """The methods, after checking each (and the criterion for every width method, and the
-    search space when search is among them): AutopruneError naming the choices. Cheap, so
+    search space when a search run is among them): AutopruneError naming the choices. Cheap, so
     :func:`compare` and the CLI run it before any training, calibration or pruning."""
     valid = width_methods.available()
     if isinstance(methods, str) or not methods:
@@ -51,34 +73,56 @@ def check_options(methods: Sequence[str], criterion: "str | dict | None" = None,
             raise AutopruneError(f"{what}: unknown method {short(method)}; choose from {', '.join(valid)}")
         if methods.count(method) > 1:
             raise AutopruneError(f"{what}: method {method!r} is given twice; give each method once")
+    searches = [m for m in methods if search_run(m) is not None]
     for method in methods:
-        if method != "search":
+        if method not in searches:
             check_prune_options(method, criterion)
-    if "search" in methods and space is not None and not isinstance(space, SearchSpace):
+    if searches and space is not None and not isinstance(space, SearchSpace):
         from .search import load
         load(space)
     return methods
 
 
+def _check_seeds(seeds: Sequence[int]) -> list[int]:
+    ok = (not isinstance(seeds, (str, bytes)) and isinstance(seeds, Sequence) and len(seeds) > 0
+          and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
+          and len(set(seeds)) == len(seeds))
+    if not ok:
+        raise OptionError(f"seeds must be a non-empty list of distinct integers >= 0, like (0, 1, 2, 3, 4); "
+                          f"got {short(seeds)}")
+    return list(seeds)
+
+
 def compare(model: nn.Module, data: DataBundle,
             budgets: "Sequence[str | Budget]" = ("flops<=70%", "flops<=50%", "flops<=30%"),
-            methods: Sequence[str] = DEFAULT_METHODS, seeds: Sequence[int] = (0, 1, 2),
+            methods: Sequence[str] = DEFAULT_METHODS, seeds: Sequence[int] = DEFAULT_SEEDS,
             finetune_epochs: int = 5, criterion: str | None = None, out: str | Path | None = None,
-            progress: bool = True, **prune_kw) -> dict:
+            progress: bool = True, reference: str = REFERENCE, **prune_kw) -> dict:
     """Run every method at every budget for every seed; write and return the results.
 
-    ``prune_kw`` go to :func:`autoprune.prune` (e.g. ``space=``, ``trials=`` for search).
-    Every option is checked (:func:`check_options`, each budget parsed once, here) before any run.
+    ``prune_kw`` go to :func:`autoprune.prune` (e.g. ``space=``, ``trials=``, ``workers=`` for
+    the search and its arms, which share them). ``reference`` is the arm the others are
+    tested against (paired over seeds); when it is not among ``methods`` there are no tests
+    (results.md says so). Every option is checked (:func:`check_options`, the seeds, each
+    budget parsed once, here) before any run. Returns ``rows`` (one per run), ``summary``
+    (one per budget and arm), ``tests`` (one per budget and arm other than ``reference``),
+    ``widths`` and ``settings``.
     """
     methods = check_options(methods, criterion, prune_kw.get("space"))
+    seeds = _check_seeds(seeds)
+    if not isinstance(reference, str):
+        raise OptionError(f"reference must be a method name, got {short(reference)}")
     budgets = [Budget.parse(b) for b in budgets]
-    rows, widths = [], {}
+    skipped = {m: reason for m in methods if (reason := width_methods.get(m).available())}
+    for method, reason in skipped.items():
+        print(f"compare: skipping {method}: {reason}", file=sys.stderr)
+    rows, widths, unreached = [], {}, []
     for budget in budgets:
-        for method in methods:
+        for method in (m for m in methods if m not in skipped):
             for seed in seeds:
                 kw = dict(prune_kw)
-                if method != "search":
-                    kw = {k: v for k, v in kw.items() if k not in ("space", "trials", "workers", "address")}
+                if search_run(method) is None:
+                    kw = {k: v for k, v in kw.items() if k not in (*SEARCH_ONLY, "address")}
                 run_out = Path(out) / "runs" / f"{_slug(budget)}-{method}-s{seed}" if out else None
                 try:
                     report = _run(model, data, budget, method, seed, run_out, criterion=criterion,
@@ -86,52 +130,135 @@ def compare(model: nn.Module, data: DataBundle,
                 except KeyboardInterrupt:
                     raise KeyboardInterrupt("compare stopped; run the same command again to continue "
                                             "(finished runs are reused)" if out else "") from None
+                except BudgetError as error:  # the arm cannot reach this budget: a finding, not a crash
+                    print(f"compare: {method} cannot reach {budget} (seed {seed}): {error}", file=sys.stderr)
+                    unreached.append({"budget": str(budget), "method": method, "seed": seed,
+                                      "reason": str(error)})
+                    continue
                 rows.append(_row(budget, method, seed, report))
                 widths.setdefault(str(budget), {})[method] = report["widths"]
-    summary = summarise(rows)
-    results = {"rows": rows, "summary": summary, "widths": widths,
-               "settings": {"budgets": [str(b) for b in budgets], "methods": list(methods), "seeds": list(seeds),
+    results = {"rows": rows, "summary": summarise(rows), "tests": paired_tests(rows, reference),
+               "widths": widths, "skipped": skipped, "unreached": unreached,
+               "settings": {"budgets": [str(b) for b in budgets], "methods": list(methods), "seeds": seeds,
                             "finetune_epochs": finetune_epochs, "criterion": criterion,
-                            "data": data.name}}
+                            "data": data.name, "reference": reference, "confidence": CONFIDENCE}}
     if out is not None:
         write_results(Path(out), results)
     return results
 
 
+# --------------------------------------------------------------------------- one run, reused if finished
+
+
+def _plain(value):
+    """``value`` as it reads back from report.json (tuples as lists, keys as text)."""
+    return json.loads(json.dumps(value, default=str))
+
+
 def _run(model: nn.Module, data: DataBundle, budget: Budget, method: str, seed: int, out: Path | None,
          **kw) -> dict:
-    """One method's report at one budget and seed. A run already finished in ``out`` (its
-    report.json, same method, seed and budget) is reused and an interrupted search in
-    ``out`` is resumed, so an interrupted compare loses nothing."""
-    if out is not None and (out / "report.json").is_file():
-        report = _finished(out / "report.json", budget, method, seed)
+    """One method's report at one budget and seed. A run finished in ``out`` with the same
+    settings is reused, and an interrupted search run there with the same recorded settings
+    is resumed, so an interrupted compare loses nothing; one with other settings is redone."""
+    if out is None:
+        return prune(model, data, budget, method=method, seed=seed, out=out, **kw).report
+    expected = _plain(prune_settings(model, data, budget, method, seed=seed, **kw))
+    if (out / "report.json").is_file():
+        report = _finished(out / "report.json", budget, method, seed, expected)
         if report is not None:
             return report
-    if method == "search" and out is not None and (out / "tune").is_dir():
+    if search_run(method) is not None and (out / "tune").is_dir():
         from .search import search
-        keep = ("finetune_epochs", "lr", "distill", "calib_images", "bn_batches", "progress", "device")
-        return search(model, data, out=out, resume=True, **{k: v for k, v in kw.items() if k in keep}).report
+        from .search.runner import SETTINGS_FILE, TUNE_DIR
+        changed = _resume_differences(out, expected)
+        if not changed:
+            keep = ("finetune_epochs", "lr", "distill", "calib_images", "bn_batches", "progress", "device")
+            return search(model, data, out=out, resume=True, **{k: v for k, v in kw.items() if k in keep}).report
+        print(f"{_name(out)}: starting its search again ({changed}); the interrupted one is discarded",
+              file=sys.stderr)
+        shutil.rmtree(out / TUNE_DIR)
+        (out / SETTINGS_FILE).unlink(missing_ok=True)
     return prune(model, data, budget, method=method, seed=seed, out=out, **kw).report
 
 
-def _finished(path: Path, budget: Budget, method: str, seed: int) -> dict | None:
-    """The report in ``path`` if it is a finished run of (budget, method, seed); None if it is
-    another run's, or unreadable (then one line says so on stderr, and the run is redone)."""
+def _name(out: Path) -> str:
+    return str(Path(out.parent.name, out.name))
+
+
+def _finished(path: Path, budget: Budget, method: str, seed: int, expected: Mapping) -> dict | None:
+    """The report in ``path`` if it is a finished run with settings ``expected``; None if its
+    settings differ (one line on stderr names the differences), or it is unreadable (one line
+    says so); the run is then redone."""
+    name = _name(path.parent)
     try:
         report = json.loads(path.read_text())
+        recorded = report.get("settings")
+        if not isinstance(recorded, dict):
+            print(f"{name}: rerunning (its report records no settings: an older run)", file=sys.stderr)
+            return None
+        changed = _differences(recorded, expected)
+        if changed:
+            print(f"{name}: rerunning ({changed})", file=sys.stderr)
+            return None
         row = _row(budget, method, seed, report)  # every field the results table reads...
-        if not all(isinstance(row[k], (int, float)) and not isinstance(row[k], bool) for k in FIELDS[3:]):
+        if not all(_is_number(row[k]) for k in _NUMBERS) or \
+                not all(row[k] is None or _is_number(row[k]) for k in _OPTIONAL_NUMBERS):
             raise TypeError("a result is not a number")
         if not all(isinstance(w, list) and len(w) == 2 and all(isinstance(n, int) for n in w) and w[1] > 0
                    for w in report["widths"].values()):  # ...and the width plots
             raise TypeError("widths are not [kept, width] pairs")
-        same = (report["method"], report["seed"], report["budget"]["spec"]) == \
-            (method, seed, str(budget))
     except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError, ZeroDivisionError):
-        print(f"{Path(path.parent.parent.name, path.parent.name, path.name)} is unreadable; rerunning",
-              file=sys.stderr)
+        print(f"{name}/{path.name} is unreadable; rerunning", file=sys.stderr)
         return None
-    return report if same else None
+    return report
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _flat(settings: Mapping, prefix: str = "") -> dict:
+    out = {}
+    for key, value in settings.items():
+        if isinstance(value, Mapping) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _differences(recorded: Mapping, expected: Mapping, keys: "Sequence[str] | None" = None) -> str:
+    """``"finetune_epochs 5 -> 3, trials 16 -> 8"``: every setting (``keys``: only those) whose
+    recorded value differs from the expected one; empty if none does."""
+    old, new = _flat(recorded), _flat(expected)
+    keys = list(keys) if keys is not None else [*new, *(k for k in old if k not in new)]
+    missing = object()
+    parts = [f"{k.removeprefix('options.')} {_show(old.get(k, missing), missing)} -> "
+             f"{_show(new.get(k, missing), missing)}"
+             for k in keys if old.get(k, missing) != new.get(k, missing)]
+    return ", ".join(parts[:4]) + (f" and {len(parts) - 4} more" if len(parts) > 4 else "")
+
+
+def _show(value, missing) -> str:
+    return "(none)" if value is missing else short(value, 24)
+
+
+def _resume_differences(out: Path, expected: Mapping) -> str:
+    """What the interrupted search in ``out`` recorded (search.json, space.yaml) that differs
+    from ``expected`` (settings a resume would not change); empty if it can be resumed."""
+    from .search import load
+    from .search.runner import SPACE_FILE, read_settings, space_digest
+
+    try:
+        saved = read_settings(out)
+        digest = space_digest(load(out / SPACE_FILE))
+    except AutopruneError as exc:
+        return f"its recorded settings are unreadable: {short(str(exc), 80)}"
+    b = saved["budget"]
+    recorded = {"budget": {"kind": b.kind, "value": b.value, "relative": b.relative},
+                "method": saved.get("method") or "search", "seed": saved["seed"],
+                "options": {"space": digest, "trials": saved["trials"], "workers": saved["workers"]}}
+    return _differences(_plain(recorded), expected, keys=list(_flat(recorded)))
 
 
 def _slug(budget: "Budget | str") -> str:
@@ -139,39 +266,136 @@ def _slug(budget: "Budget | str") -> str:
 
 
 def _row(budget: Budget, method: str, seed: int, report: dict) -> dict:
-    pruned, base = report["pruned"], report["base"]
+    pruned, base, compute = report["pruned"], report["base"], report["compute"]
     return {"budget": str(budget), "method": method, "seed": seed,
             "accuracy": pruned["accuracy"], "accuracy_adaptive_bn": pruned["accuracy_adaptive_bn"],
             "flops": pruned["flops"], "params": pruned["params"],
             "flops_ratio": pruned["flops"] / base["flops"], "latency_ms": pruned["latency_ms"],
-            "elapsed_s": report["elapsed_s"]}
+            "elapsed_s": report["elapsed_s"],
+            **{k: compute[k] for k in ("proxy_evaluations", "finetunes", "finetune_s", "method_s", "search_cost")}}
 
 
-def summarise(rows: list[dict]) -> list[dict]:
-    """Mean and std over seeds per (budget, method)."""
+# --------------------------------------------------------------------------- statistics
+
+
+def _mean(values: list) -> float | None:
+    """The mean, or None if any value is None (not reported)."""
+    return None if any(v is None for v in values) else statistics.fmean(values)
+
+
+def summarise(rows: list[dict], confidence: float = CONFIDENCE) -> list[dict]:
+    """Per (budget, method): accuracy mean, std and t-interval over seeds
+    (``accuracy_ci_low``/``_high``, None for one seed), the largest realized cost, the median
+    latency, and the mean wall time, proxy evaluations, fine-tunes, fine-tune time, method
+    time and search cost (None where a run did not report it)."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["budget"], r["method"]), []).append(r)
     out = []
     for (budget, method), rs in groups.items():
-        acc = [r["accuracy"] for r in rs]
-        out.append({"budget": budget, "method": method, "n": len(rs),
-                    "accuracy_mean": statistics.fmean(acc),
-                    "accuracy_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
+        acc = interval([r["accuracy"] for r in rs], confidence)
+        out.append({"budget": budget, "method": method, "n": acc["n"],
+                    "accuracy_mean": acc["mean"], "accuracy_std": acc["std"],
+                    "accuracy_ci_low": acc["low"], "accuracy_ci_high": acc["high"], "confidence": confidence,
                     "flops": max(r["flops"] for r in rs), "params": max(r["params"] for r in rs),
                     "flops_ratio": max(r["flops_ratio"] for r in rs),
-                    "latency_ms": statistics.median(r["latency_ms"] for r in rs)})
+                    "latency_ms": statistics.median(r["latency_ms"] for r in rs),
+                    **{k: _mean([r.get(k) for r in rs]) for k in ("elapsed_s", "proxy_evaluations", "finetunes",
+                                                                  "finetune_s", "method_s", "search_cost")}})
     return out
 
 
-def markdown(summary: list[dict]) -> str:
-    """The summary as a markdown table (accuracy as mean ± std in percent)."""
-    lines = ["| budget | method | accuracy % (mean ± std) | seeds | FLOPs | params | latency ms |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
-    for s in summary:
-        lines.append(f"| {s['budget']} | {s['method']} | {100 * s['accuracy_mean']:.2f} ± "
-                     f"{100 * s['accuracy_std']:.2f} | {s['n']} | {s['flops'] / 1e6:.2f}M "
-                     f"({s['flops_ratio']:.1%}) | {s['params'] / 1e3:.1f}K | {s['latency_ms']:.2f} |")
+def paired_tests(rows: list[dict], reference: str = REFERENCE, confidence: float = CONFIDENCE) -> list[dict]:
+    """At each budget, ``reference`` against every other arm, paired over the seeds both ran
+    (:func:`autoprune.stats.paired` on test accuracy, ``reference − arm``): ``n``, ``seeds``,
+    ``mean_diff`` with ``diff_low``/``diff_high``, ``p`` (paired t-test, raw), ``p_holm``
+    (Holm-adjusted over every test returned), ``p_wilcoxon`` (n ≥ 6). None where undefined.
+    Empty when ``reference`` ran at no budget."""
+    acc = {(r["budget"], r["method"], r["seed"]): r["accuracy"] for r in rows}
+    tests = []
+    for budget in dict.fromkeys(r["budget"] for r in rows):
+        ref_seeds = [r["seed"] for r in rows if r["budget"] == budget and r["method"] == reference]
+        for method in dict.fromkeys(r["method"] for r in rows if r["budget"] == budget):
+            seeds = [s for s in ref_seeds if (budget, method, s) in acc]
+            if method == reference or not seeds:
+                continue
+            test = paired([acc[(budget, reference, s)] for s in seeds], [acc[(budget, method, s)] for s in seeds],
+                          confidence)
+            tests.append({"budget": budget, "reference": reference, "method": method, "seeds": seeds, **test})
+    for test, adjusted in zip(tests, holm([t["p"] for t in tests])):
+        test["p_holm"] = adjusted
+    return tests
+
+
+# --------------------------------------------------------------------------- tables and files
+
+
+def _pct(x: float | None, digits: int = 2) -> str:
+    return "—" if x is None else f"{100 * x:.{digits}f}"
+
+
+def _num(x: float | None, fmt: str) -> str:
+    return "—" if x is None else format(x, fmt)
+
+
+def _p(x: float | None) -> str:
+    return "—" if x is None else (f"{x:.2g}" if x < 0.001 else f"{x:.3f}")
+
+
+def markdown(summary: list[dict], tests: "list[dict] | None" = None, reference: str = REFERENCE,
+             skipped: "Mapping[str, str] | None" = None, unreached: "list[dict] | None" = None) -> str:
+    """The summary as markdown, one table per budget: arm, accuracy (mean ± std, %), its 95%
+    interval, n, FLOPs (realized ratio), params, latency, wall time, proxy evaluations, full
+    fine-tunes and their wall time, search cost ÷ fine-tune; with ``tests`` (:func:`paired_tests`) also ``reference − arm`` with its
+    interval and the paired p, raw and Holm-adjusted; then notes saying how to read them."""
+    with_tests = tests is not None
+    wilcoxon = with_tests and any(t.get("p_wilcoxon") is not None for t in tests)
+    confidence = summary[0].get("confidence", CONFIDENCE) if summary else CONFIDENCE
+    level = f"{100 * confidence:g}%"
+    head = ["arm", "accuracy % (mean ± std)", f"{level} CI", "n", "FLOPs (ratio)", "params", "latency ms",
+            "wall s", "proxy evals", "fine-tunes", "fine-tune s", "search cost ÷ fine-tune"]
+    if with_tests:
+        head += [f"{reference} − arm, pp ({level} CI)", "p", "p Holm"] + (["p Wilcoxon"] if wilcoxon else [])
+    by_test = {(t["budget"], t["method"]): t for t in tests or ()}
+    lines = []
+    for budget in dict.fromkeys(s["budget"] for s in summary):
+        lines += [f"### {budget}", "", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+        for s in (s for s in summary if s["budget"] == budget):
+            low, high = s.get("accuracy_ci_low"), s.get("accuracy_ci_high")
+            cells = [s["method"], f"{_pct(s['accuracy_mean'])} ± {_pct(s['accuracy_std'])}",
+                     "none (n = 1)" if low is None else f"[{_pct(low)}, {_pct(high)}]", str(s["n"]),
+                     f"{s['flops'] / 1e6:.2f}M ({s['flops_ratio']:.1%})", f"{s['params'] / 1e3:.1f}K",
+                     f"{s['latency_ms']:.2f}", _num(s.get("elapsed_s"), ".1f"),
+                     _num(s.get("proxy_evaluations"), "g"), _num(s.get("finetunes"), "g"),
+                     _num(s.get("finetune_s"), ".1f"), _num(s.get("search_cost"), ".2f")]
+            if with_tests:
+                t = by_test.get((budget, s["method"]))
+                if s["method"] == reference:
+                    cells += ["(reference)", "", ""] + ([""] if wilcoxon else [])
+                elif t is None:
+                    cells += [f"no {reference} run to pair with", "—", "—"] + (["—"] if wilcoxon else [])
+                else:
+                    ci = "" if t["diff_low"] is None else f" [{_pct(t['diff_low'])}, {_pct(t['diff_high'])}]"
+                    cells += [f"{_pct(t['mean_diff'])}{ci}", _p(t["p"]), _p(t["p_holm"])] + \
+                        ([_p(t["p_wilcoxon"])] if wilcoxon else [])
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += [f"Accuracy: test accuracy after the final fine-tune, over seeds; {level} CI: the t-interval "
+              "of the mean (none for one seed). wall s: a run's wall time; proxy evals: candidate structures "
+              "the method scored (— where the method does not report it); search cost ÷ fine-tune: the "
+              "method's own time before the final fine-tune divided by the fine-tune's (— without one)."]
+    if with_tests and tests:
+        lines += ["", f"p: two-sided paired t-test of {reference} against the arm over the seeds both ran "
+                  "(same seed = same calibration images and fine-tune order); p-values are uncorrected. "
+                  f"p Holm: Holm–Bonferroni-adjusted over all {len(tests)} comparisons in this file"
+                  + ("; p Wilcoxon: signed-rank test (n ≥ 6)." if wilcoxon else ".")
+                  + " — : undefined (one seed, or no difference at all)."]
+    elif with_tests:
+        lines += ["", f"No paired tests: {reference!r} is not among the arms (or ran at no budget)."]
+    for method, reason in (skipped or {}).items():
+        lines += ["", f"Not run: {method} ({reason})."]
+    for u in unreached or ():
+        lines += ["", f"No result: {u['method']} cannot reach {u['budget']} (seed {u['seed']}): {u['reason']}"]
     return "\n".join(lines) + "\n"
 
 
@@ -185,53 +409,10 @@ def write_results(out: Path, results: dict) -> None:
     writer.writeheader()
     writer.writerows({k: r[k] for k in FIELDS} for r in results["rows"])
     atomic_write_text(out / "results.csv", buf.getvalue())
-    atomic_write_text(out / "results.md", markdown(results["summary"]))
+    atomic_write_text(out / "results.md", markdown(results["summary"], results.get("tests"),
+                                                   results["settings"].get("reference", REFERENCE),
+                                                   results.get("skipped"), results.get("unreached")))
     plot_accuracy_vs_flops(results["summary"], out / "accuracy_vs_flops.png")
     seed = results["settings"]["seeds"][-1]  # ``widths`` holds each method's last-seed structure
     for budget, per_method in results["widths"].items():
         plot_width_comparison(per_method, out / f"widths_{_slug(budget)}.png", title=f"{budget}, seed {seed}")
-
-
-def proxy_fidelity(model: nn.Module, data: DataBundle, budget: "str | Budget" = "flops<=50%", n: int = 12,
-                   space: "str | SearchSpace" = "generic", finetune_epochs: int = 5, seed: int = 0,
-                   calib_images: int = 512, progress: bool = False) -> dict:
-    """Kendall τ between the search's proxy scores and accuracy after the full fine-tune.
-
-    ``n`` structures drawn at random from the search space ``space`` (Optuna's
-    RandomSampler; fitted to ``budget`` as in a search) are scored three ways: the
-    search's proxy without fine-tuning (adaptive BN only), the search's proxy as
-    configured (adaptive BN + ``proxy.finetune_steps`` SGD steps), both on the same
-    validation batches, and test accuracy after adaptive BN and ``finetune_epochs``.
-    """
-    import optuna
-
-    from .search import load
-    from .search.runner import driver_state
-    from .search.space import Section
-    from .search.trial import Shared, build_structure, evaluate_candidate
-
-    spec = space if isinstance(space, SearchSpace) else load(space)
-    budget = Budget.parse(budget)
-    device = evaluate.default_device()
-    model = model.to(device).eval()
-    units, scores, labels = driver_state(model, data, spec, budget, seed, calib_images, progress, device)
-    shared = Shared(model, units, spec, budget, scores, labels, data, seed)
-    bn_only = replace(shared, spec=replace(spec, proxy=Section({**spec.proxy, "finetune_steps": 0})))
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
-    define, rows = spec.define(units), []
-    for i in range(n):
-        trial = study.ask()
-        define(trial)
-        _, small, _, flops, _ = build_structure(shared, spec.candidate(trial.params, units))
-        evaluate.adaptive_bn(small, data.train, n_batches=int(spec.proxy.bn_batches), seed=seed)
-        evaluate.finetune(small, data, finetune_epochs, seed=seed, progress=progress)
-        rows.append({"candidate": i, "flops": flops,
-                     "adaptive_bn": evaluate_candidate(bn_only, trial.params)["proxy_score"],
-                     "proxy_finetune": evaluate_candidate(shared, trial.params)["proxy_score"],
-                     "final": evaluate.accuracy(small.eval(), data.test)})
-    final = [r["final"] for r in rows]
-    return {"budget": str(budget), "n": n, "space": spec.name, "proxy": dict(spec.proxy),
-            "finetune_epochs": finetune_epochs, "candidates": rows,
-            "kendall_tau_adaptive_bn": float(kendalltau([r["adaptive_bn"] for r in rows], final)[0]),
-            "kendall_tau_proxy_finetune": float(kendalltau([r["proxy_finetune"] for r in rows], final)[0])}

@@ -1,31 +1,40 @@
-"""DI-style greedy budget optimizer (Hou & Kung 2020; METHODS.md §1).
+"""DI greedy budget optimizer, as the authors run it (Hou & Kung 2020; METHODS.md §1).
 
-Start from the full network; at every step each unit proposes removing its
-lowest-scored channels worth about a fixed share of the base FLOPs (default 0.5%);
-the proposal that costs least is committed, until the budget is met. Step cost is
-either ``criterion`` — the score actually lost, ``Σ score(kept now) − Σ score(kept after)``
-(for exact per-channel ΔDI scores: the DI lost, to first order), per FLOP saved, on one
-scale for every unit (a unit whose scores are 1000× larger is 1000× dearer to cut; scaling
-every unit alike changes nothing) — fast; or ``accuracy`` (validation accuracy without
-fine-tuning, after adaptive BN when the evaluator has training batches — the authors'
-choice). The channels a unit keeps at a width are always :func:`autoprune.plan.kept_channels`
-(with the cluster labels, if any): the very rule :func:`autoprune.plan.select` builds the
-final Plan with, so every candidate evaluated is exactly the network the Plan would
-produce at those widths. Candidates are evaluated with channel masks on the unit's norm
-outputs, which in eval mode computes what the physically pruned network computes, so no
-candidate is ever materialised. Every trajectory entry records the ``mode`` and its
-``proxy`` (score lost, or accuracy); with an evaluator, every committed step's validation
-accuracy too (in either mode), and ``recalibrate_every`` re-estimates BN statistics under
-the committed masks every few steps. Scores are computed once, on the full network (the
-authors re-rank on the current pruned network every iteration).
+Start from the full network. Every iteration, each unit less than ``cap`` (90%) pruned
+proposes removing its lowest-ranked channels worth about ``step`` of the base FLOPs (never
+below the cap); one proposal is committed, until the budget is met. Mode ``accuracy`` (the
+authors' choice, :func:`autoprune.prune`'s default) commits the proposal whose masked
+network scores the highest validation accuracy without fine-tuning (after adaptive BN when
+the evaluator has training batches; ties: the cheaper by the criterion rule). Mode
+``criterion`` (cheap) commits the least lost per FLOP saved: with DI summaries (``di=``),
+the DI actually lost, ``DI(kept now) − DI(kept after)`` of the unit's scatter matrices, on
+DI's one dimensionless scale for every unit; otherwise the criterion score lost (the sum of
+the removed channels' scores), which compares units only as far as their scores share a
+scale. Every ``rescore_every`` steps the ``rescorer`` re-ranks each unit's still-kept
+channels on the current masked network (the authors: every iteration; removed channels
+stay removed); every ``finetune_every`` steps ``finetune`` trains the working copy briefly
+with the committed masks held (the authors: one epoch per two iterations).
+
+The channels a unit keeps at a width are always :func:`autoprune.plan.kept_channels` of the
+current ranking (with the cluster labels, if any); a re-ranking keeps every removed channel
+below every kept one, so at the current widths the ranking keeps exactly the committed
+channels. :attr:`GreedyResult.scores` is the final ranking: ``select(space, widths,
+scores=result.scores, clusters=...)`` is the Plan whose channels the last step evaluated.
+Candidates are evaluated with channel masks (:mod:`autoprune.greedy_masks`), equal to
+physical removal.
+
+The cap's edge (a decision; the authors' code simply stops proposing): when no unit can
+propose within the cap and the budget is not met yet, the cap is lifted for the rest of
+the walk (down to each unit's ``min_width``), recorded as ``cap_lifted_at`` (the step) in
+the info and ``cap_lifted`` in every later trajectory entry. So no unit ends below
+``1 − cap`` of its width unless the budget cannot be met otherwise.
 """
 
 from __future__ import annotations
 
-import copy
-from contextlib import contextmanager
+import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
@@ -34,37 +43,78 @@ from tqdm.auto import tqdm
 
 from .budget import Budget, fill_widths
 from .errors import OptionError, short
+from .greedy_masks import MaskedEvaluator, channel_masks
+from .greedy_rescore import DIScatter, Rescorer
 from .plan import kept_channels
 from .space import Space, Unit
 
 MODES = ("criterion", "accuracy")
-"""How a candidate step is ranked: score lost per FLOP saved, or validation accuracy."""
+"""How a candidate step is ranked: loss per FLOP saved, or validation accuracy."""
 
-RULES = {"criterion": "least score lost (sum of the removed channels' scores) per FLOP saved",
-         "accuracy": "highest validation accuracy of the masked network (after adaptive BN if given)"}
-"""What each mode commits, in words (recorded in the result's ``info``)."""
+DEFAULT_CAP = 0.9
+"""A unit at least this much pruned proposes nothing (the authors' 90% per-layer cap)."""
+
+RULES = {
+    "accuracy": "highest validation accuracy of the masked network (after adaptive BN if given)",
+    "di_lost_per_flop": "least DI actually lost (DI of the unit's remaining channels before minus after, "
+                        "from its scatter summaries) per FLOP saved",
+    "score_lost_per_flop": "least criterion score lost (sum of the removed channels' scores; not the DI "
+                           "lost: the criterion is not pure DI, or no DI summaries were given) per FLOP saved",
+}
+"""What each rule commits, in words (the info names the rule as ``id: words``)."""
+
+
+@dataclass(frozen=True)
+class FineTune:
+    """Every ``every`` committed steps, ``train(model, round)`` trains the working copy with
+    the committed masks held (``steps``: what one round trains, for the record)."""
+
+    every: int
+    steps: int
+    train: Callable[[nn.Module, int], object]
 
 
 @dataclass
 class GreedyResult:
-    """Final widths, the step-by-step trajectory (for the report) and how they were chosen."""
+    """Final widths, the step-by-step trajectory (for the report), how they were chosen
+    (``info``) and the final channel ranking ``scores`` (unit → float64 tensor [width])."""
 
     widths: dict[str, int]
     trajectory: list[dict] = field(default_factory=list)
     info: dict = field(default_factory=dict)
+    scores: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def floor_width(unit: Unit, cap: float) -> int:
+    """The fewest channels ``unit`` may keep under ``cap``: the smallest reachable width of
+    at least ``(1 − cap)·width`` (``min_width`` when ``cap`` is 1)."""
+    need = (1.0 - cap) * unit.width
+    width = unit.round(need)
+    while width < need - 1e-9 or not unit.allowed(width):
+        width += 1
+    return min(width, unit.width)
 
 
 class _State:
-    """Current widths and the analytic cost during the greedy walk; which channels a unit
-    keeps at a width is :func:`~autoprune.plan.kept_channels` (with ``clusters``)."""
+    """Current widths, ranking and cost during the greedy walk; which channels a unit keeps at
+    a width is :func:`~autoprune.plan.kept_channels` of its ranking (with ``clusters``)."""
 
     def __init__(self, space: Space, scores: Mapping[str, torch.Tensor], kind: str,
-                 clusters: Mapping[str, np.ndarray] | None = None) -> None:
+                 clusters: Mapping[str, np.ndarray] | None = None, cap: float = DEFAULT_CAP) -> None:
         self.space, self.kind = space, kind
         self.widths = space.full_widths()
         self.scores = {u.name: np.asarray(torch.as_tensor(scores[u.name]).double().cpu()) for u in space.units}
         self.clusters = dict(clusters or {})
+        self.floors = {u.name: floor_width(u, cap) for u in space.units}
         self._kept: dict[tuple[str, int], list[int]] = {}
+
+    @property
+    def capped(self) -> bool:
+        """Whether some unit's floor is still above its ``min_width``."""
+        return any(self.floors[u.name] > u.min_width for u in self.space.units)
+
+    def lift_cap(self) -> None:
+        self.floors = self.space.min_widths()
 
     def cost(self, widths: Mapping[str, int] | None = None) -> int:
         return getattr(self.space.cost(widths or self.widths), self.kind)
@@ -75,17 +125,23 @@ class _State:
             self._kept[key] = kept_channels(unit, self.scores[unit.name], width, self.clusters.get(unit.name))
         return self._kept[key]
 
-    def score_lost(self, unit: Unit, width: int) -> float:
-        """Score of the channels ``unit`` keeps now minus of those it keeps at ``width``."""
+    def lost(self, unit: Unit, width: int, di: DIScatter | None = None) -> float:
+        """What cutting ``unit`` to ``width`` loses: the DI lost with ``di``, else the score lost
+        (the ranking's scores of the channels kept now minus of those kept at ``width``)."""
+        before, after = self.kept(unit, self.widths[unit.name]), self.kept(unit, width)
+        if di is not None:
+            return di.lost(unit.name, before, after)
         s = self.scores[unit.name]
-        return float(s[self.kept(unit, self.widths[unit.name])].sum() - s[self.kept(unit, width)].sum())
+        return float(s[before].sum() - s[after].sum())
 
     def candidate(self, unit: Unit, want: float) -> dict[str, int] | None:
-        """Widths with ``unit`` cut by steps until ``want`` is saved (less if it runs out)."""
+        """Widths with ``unit`` cut by steps until ``want`` is saved (less if it reaches its
+        floor); None if it is at its floor already."""
         now, widths = self.cost(), dict(self.widths)
+        floor = self.floors[unit.name]
         while True:
             width = unit.round(widths[unit.name] - 1)
-            if width >= widths[unit.name]:
+            if width >= widths[unit.name] or width < floor:
                 break
             widths[unit.name] = width
             if now - self.cost(widths) >= want:
@@ -102,132 +158,139 @@ class _State:
                 out[unit.name] = m
         return out
 
+    def rerank(self, name: str, kept_scores: np.ndarray) -> None:
+        """Rank unit ``name``'s kept channels by ``kept_scores`` (in kept order); its removed
+        channels stay below every kept one, in their previous order."""
+        unit = self.space.unit(name)
+        kept = np.asarray(self.kept(unit, self.widths[name]), dtype=int)
+        old, new = self.scores[name], np.empty(unit.width)
+        new[kept] = np.asarray(kept_scores, dtype=float)
+        removed = np.setdiff1d(np.arange(unit.width), kept)
+        if len(removed):  # ascending previous rank (ties: kept_channels prefers the lower index)
+            order = removed[np.lexsort((-removed, old[removed]))]
+            new[order] = float(new[kept].min()) - np.arange(len(order), 0, -1)
+        self.scores[name] = new
+        self._kept = {k: v for k, v in self._kept.items() if k[0] != name}
+
+
+def _rule(mode: str, di: DIScatter | None) -> str:
+    cheap = "di_lost_per_flop" if di is not None else "score_lost_per_flop"
+    return "accuracy" if mode == "accuracy" else cheap
+
 
 def greedy_widths(space: Space, scores: Mapping[str, torch.Tensor], budget: "str | Budget",
                   step: float = 0.005, mode: str = "criterion",
-                  evaluator: "MaskedEvaluator | None" = None, recalibrate_every: int = 0,
-                  progress: bool = True, clusters: Mapping[str, np.ndarray] | None = None) -> GreedyResult:
-    """Widths meeting ``budget`` chosen greedily, cheapest step first (see module doc).
+                  evaluator: MaskedEvaluator | None = None, recalibrate_every: int = 0,
+                  progress: bool = True, clusters: Mapping[str, np.ndarray] | None = None, *,
+                  cap: float = DEFAULT_CAP, di: DIScatter | None = None, rescorer: Rescorer | None = None,
+                  rescore_every: int = 0, finetune: FineTune | None = None) -> GreedyResult:
+    """Widths meeting ``budget`` chosen greedily, one committed step at a time (module doc).
 
-    ``clusters`` (unit → labels) are the labels the final Plan will be selected with
-    (``select(..., clusters=)``): candidates keep channels per cluster exactly as it will.
+    ``scores`` (unit → [width]) are the initial ranking; ``clusters`` (unit → labels) the
+    labels the final Plan will be selected with. ``evaluator`` scores masked structures
+    (required by mode ``accuracy``, fine-tuning and ``recalibrate_every``; with one, every
+    committed step's accuracy is recorded). ``di`` enables the DI-lost rule (and the
+    accuracy mode's tie-break); ``rescorer`` re-ranks every ``rescore_every`` steps (0:
+    never), ``finetune`` trains the evaluator's working copy every ``finetune.every`` steps.
     """
     if mode not in MODES:
         raise OptionError(f"unknown greedy mode {short(mode)}; choose one of {', '.join(MODES)}")
-    if mode == "accuracy" and evaluator is None:
-        raise OptionError("greedy mode 'accuracy' needs an evaluator (model + validation data); "
-                             "pass evaluator= or use mode 'criterion'")
+    if evaluator is None and (mode == "accuracy" or finetune is not None or recalibrate_every):
+        raise OptionError("greedy mode 'accuracy', fine-tuning and BN recalibration need an evaluator "
+                          "(model + validation data); pass evaluator= or use mode 'criterion' alone")
+    if rescore_every and rescorer is None:
+        raise OptionError(f"rescore_every={short(rescore_every)} needs a rescorer (model + calibration "
+                          "data); pass rescorer= or rescore_every=0")
+    if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 0 < cap <= 1:
+        raise OptionError(f"greedy cap must be a fraction in (0, 1] (a unit at least that much pruned "
+                          f"proposes nothing; 0.9 = the authors'), got {short(cap)}")
+    start = time.perf_counter()
     budget = Budget.parse(budget)
     target = budget.target(space)
-    state = _State(space, scores, budget.kind, clusters)
+    state = _State(space, scores, budget.kind, clusters, cap)
     base = state.cost()
+    rule = _rule(mode, di)
+    settings = {"mode": mode, "rule": rule, "step": step, "cap": cap, "rescore_every": rescore_every,
+                "recalibrate_every": recalibrate_every,
+                "finetune_every": finetune.every if finetune else 0, "finetune_steps": finetune.steps if finetune else 0}
+    named = {k: v for k, v in settings.items() if k not in ("step", "recalibrate_every")}  # in every entry
+    evaluations = evaluator.evaluations if evaluator is not None else 0
     trajectory: list[dict] = []
+    scored_at, rescores, finetunes, cap_lifted_at = 0, 0, 0, None
     bar = tqdm(total=base - target, desc="greedy", unit=budget.kind, disable=not progress, leave=False)
     while state.cost() > target:
         want = min(step * base, state.cost() - target)
-        best = _best_step(state, want, mode, evaluator)
+        best = _best_step(state, want, mode, evaluator, di)
         if best is None:
+            if state.capped:  # the budget cannot be met within the cap: lift it (module doc)
+                state.lift_cap()
+                cap_lifted_at = len(trajectory) + 1
+                continue
             break
-        unit, widths, proxy, candidates = best
+        unit, widths, proxy, per_flop, candidates = best
+        u = space.unit(unit)
+        before = state.kept(u, state.widths[unit])
+        removed = sorted(set(before) - set(state.kept(u, widths[unit])))
         saved = state.cost() - state.cost(widths)
         state.widths = widths
         bar.update(saved)
-        entry = {"step": len(trajectory) + 1, "mode": mode, "unit": unit, "kept": widths[unit],
-                 budget.kind: state.cost(), "proxy": proxy, "candidates": candidates}
+        entry = {**named, "step": len(trajectory) + 1, "cap_lifted": cap_lifted_at is not None,
+                 "scored_at": scored_at, "unit": unit, "kept": widths[unit], "removed": removed,
+                 budget.kind: state.cost(), "saved": saved, "lost_per_flop": per_flop, "proxy": proxy,
+                 "candidates": candidates}
         if evaluator is not None:
             entry["accuracy"] = proxy if mode == "accuracy" else evaluator(state.masks(widths))
         trajectory.append(entry)
-        if evaluator is not None and recalibrate_every and len(trajectory) % recalibrate_every == 0:
-            evaluator.recalibrate(state.masks(state.widths))
+        if state.cost() <= target:
+            break  # nothing after the last step: the pipeline takes over
+        n, masks = len(trajectory), state.masks(state.widths)
+        if finetune is not None and n % finetune.every == 0:
+            evaluator.finetune(masks, lambda m, r=finetunes: finetune.train(m, r))
+            finetunes += 1
+            entry["finetuned"] = True
+        if recalibrate_every and n % recalibrate_every == 0:
+            evaluator.recalibrate(masks)
+        if rescore_every and n % rescore_every == 0:
+            fresh = rescorer(masks, {x.name: state.kept(x, state.widths[x.name]) for x in space.units})
+            for name, kept_scores in fresh.scores.items():
+                state.rerank(name, kept_scores)
+            di = fresh.di if di is not None and fresh.di is not None else di
+            scored_at, rescores = n, rescores + 1
     bar.close()
     wanted = np.array([state.widths[u.name] for u in space.units], dtype=float)
     widths = fill_widths(space, state.widths, wanted, budget.kind, target)
-    info = {"mode": mode, "rule": RULES[mode], "step": step, "clusters": clusters is not None}
-    return GreedyResult(widths, trajectory, info)
+    info = {**settings, "rule": f"{rule}: {RULES[rule]}", "clusters": clusters is not None,
+            "steps": len(trajectory), "rescores": rescores, "finetunes": finetunes, "cap_lifted_at": cap_lifted_at,
+            "proxy_evaluations": (evaluator.evaluations - evaluations) if evaluator is not None else 0,
+            "wall_s": round(time.perf_counter() - start, 3)}
+    if mode == "accuracy":
+        info["tie_break"] = _rule("criterion", di)
+    ranking = {name: torch.from_numpy(s.copy()) for name, s in state.scores.items()}
+    return GreedyResult(widths, trajectory, info, ranking)
 
 
-def _best_step(state: _State, want: float, mode: str, evaluator) -> tuple | None:
-    """The cheapest candidate step: (unit, widths, proxy value, all candidates' proxies)."""
+def _best_step(state: _State, want: float, mode: str, evaluator, di: DIScatter | None) -> tuple | None:
+    """The committed candidate: (unit, widths, proxy, lost per FLOP, every candidate's proxy).
+
+    ``proxy`` is the accuracy (mode ``accuracy``) or the lost per FLOP saved (``criterion``)."""
     best, proxies = None, {}
+    now = state.cost()
     for unit in state.space.units:
         widths = state.candidate(unit, want)
         if widths is None:
             continue
+        per_flop = state.lost(unit, widths[unit.name], di) / max(now - state.cost(widths), 1)
         if mode == "accuracy":
             proxy = evaluator(state.masks(widths))
-            key = -proxy
+            key = (-proxy, per_flop)
         else:
-            proxy = state.score_lost(unit, widths[unit.name])
-            key = proxy / max(state.cost() - state.cost(widths), 1)
+            proxy = per_flop
+            key = (per_flop,)
         proxies[unit.name] = proxy
         if best is None or key < best[0]:
-            best = (key, unit.name, widths, proxy)
+            best = (key, unit.name, widths, proxy, per_flop)
     return None if best is None else (*best[1:], proxies)
 
 
-@contextmanager
-def channel_masks(model: nn.Module, space: Space, masks: Mapping[str, torch.Tensor]) -> Iterator[None]:
-    """Zero the masked channels at the output of each unit's norm layers (roots if none).
-
-    In eval mode this equals physical removal: consumers see zeros, residual adds
-    carry zeros, and no other channel's computation changes.
-    """
-    hooks = []
-    for name, mask in masks.items():
-        unit = space.unit(name)
-        for layer in unit.norms or unit.modules:
-            hooks.append(model.get_submodule(layer).register_forward_hook(
-                lambda m, i, o, k=mask: _apply_mask(o, k)))
-    try:
-        yield
-    finally:
-        for h in hooks:
-            h.remove()
-
-
-def _apply_mask(out: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    mask = mask.to(out.device, out.dtype)
-    if out.dim() > 1 and out.shape[1] == mask.numel():
-        return out * mask.view(1, -1, *([1] * (out.dim() - 2)))
-    return out * mask  # channel-last layers (e.g. LayerNorm over the last dim)
-
-
-class MaskedEvaluator:
-    """Validation accuracy of a masked structure, after adaptive BN if given training batches.
-
-    Works on its own copy of ``model``, so the caller's BN statistics never change.
-    A call re-estimates BN statistics under the masks with ``bn_fn(model, train_batches)``
-    (when both are given), scores ``val_batches`` and restores the statistics;
-    ``recalibrate`` keeps the re-estimated statistics (the greedy's optional
-    "recalibrate every few steps").
-    """
-
-    def __init__(self, model: nn.Module, space: Space, val_batches: list, train_batches: list | None = None,
-                 bn_fn: Callable | None = None) -> None:
-        self.model, self.space = copy.deepcopy(model).eval(), space
-        self.val_batches, self.train_batches, self.bn_fn = val_batches, train_batches, bn_fn
-
-    @torch.no_grad()
-    def __call__(self, masks: Mapping[str, torch.Tensor]) -> float:
-        adapts = self.bn_fn is not None and bool(self.train_batches)
-        if adapts:
-            saved = {k: v.clone() for k, v in self.model.state_dict().items() if k.split(".")[-1] in _BN_STATS}
-            self.recalibrate(masks)
-        correct = total = 0
-        device = next(self.model.parameters()).device
-        with channel_masks(self.model, self.space, masks):
-            for x, y in self.val_batches:
-                correct += (self.model(x.to(device)).argmax(1).cpu() == y).sum().item()
-                total += len(y)
-        if adapts:
-            self.model.load_state_dict(saved, strict=False)
-        return correct / max(total, 1)
-
-    def recalibrate(self, masks: Mapping[str, torch.Tensor]) -> None:
-        if self.bn_fn is not None and self.train_batches:
-            with channel_masks(self.model, self.space, masks):
-                self.bn_fn(self.model, self.train_batches)
-            self.model.eval()
-
-
-_BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
+__all__ = ["DEFAULT_CAP", "FineTune", "GreedyResult", "MODES", "MaskedEvaluator", "RULES", "channel_masks",
+           "floor_width", "greedy_widths"]

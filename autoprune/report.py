@@ -47,8 +47,9 @@ def plot_accuracy_vs_flops(summary: list[dict], path: str | Path) -> None:
 
 def plot_width_comparison(per_method: Mapping[str, Mapping[str, Sequence[int]]], path: str | Path,
                           title: str = "") -> None:
-    """Kept fraction per unit for each method (e.g. greedy vs search) at one budget."""
-    methods = [m for m in ("greedy", "search") if m in per_method] or list(per_method)
+    """Kept fraction per unit at one budget: greedy beside the searched structures (search,
+    search_widths, random) where present, else every method given."""
+    methods = [m for m in ("greedy", "search", "search_widths", "random") if m in per_method] or list(per_method)
     names = list(per_method[methods[0]])
     fig, ax = plt.subplots(figsize=(max(6.0, 0.25 * len(names)), 3.5))
     step = 0.8 / len(methods)

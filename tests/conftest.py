@@ -1,7 +1,10 @@
-"""Shared test setup: slow-test switch, offline Ray, deterministic seeds."""
+"""Shared test setup: slow-test switch, offline Ray, deterministic seeds, tiny Fashion-MNIST files."""
 
+import gzip
 import os
+import struct
 
+import numpy as np
 import pytest
 import torch
 
@@ -43,3 +46,36 @@ def trained_once():
     model = ap.models.create("resnet20", num_classes=10)
     train(model, data, epochs=3, progress=False)
     return model.eval(), data
+
+
+# --------------------------------------------------------------------------- Fashion-MNIST IDX files
+# Plain functions (tests import them: ``from conftest import write_fake_fashion_mnist``).
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """``array`` (unsigned bytes) in the IDX format: magic number, big-endian shape, values."""
+    return b"\0\0\x08" + bytes([array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
+
+
+def write_idx(folder, name, array, gz=True):
+    """``array`` as the IDX file ``folder/name`` (``.gz`` appended when gzipped); its path."""
+    data = idx_bytes(array.astype(np.uint8))
+    path = folder / (f"{name}.gz" if gz else name)
+    path.write_bytes(gzip.compress(data) if gz else data)
+    return path
+
+
+def write_fake_fashion_mnist(folder, n_train=200, n_test=50, side=6, gz=True, seed=0):
+    """Four tiny IDX files; each image's pixels encode (class, index) so they can be traced."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        labels = np.arange(n) % 10
+        rng.shuffle(labels)
+        images = rng.integers(0, 256, size=(n, side, side), dtype=np.uint8)
+        images[:, 0, 0] = labels * 20  # a pixel that carries the label
+        write_idx(folder, f"{split}-images-idx3-ubyte", images, gz)
+        write_idx(folder, f"{split}-labels-idx1-ubyte", labels, gz)
+        out[split] = (images, labels)
+    return out

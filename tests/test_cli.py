@@ -181,3 +181,58 @@ def test_keyboard_interrupt(capsys, monkeypatch) -> None:
     monkeypatch.setattr(ap.models, "create", interrupt)
     code, _, err = run(capsys, "info", "--model", "resnet20")
     assert code == 130 and err.strip() == "autoprune: interrupted"
+
+
+# --------------------------------------------------------------------------- data options
+
+
+def test_data_help_lists_every_dataset_and_where_files_come_from(capsys) -> None:
+    from autoprune.idx import ENV_VAR
+
+    code, out, _ = run(capsys, "train", "--help")
+    train_help = " ".join(out.split())
+    assert code == 0
+    for name in data.DATASET_NAMES:
+        assert name in train_help
+    for flag in ("--data-root DIR folder holding the cifar10/cifar100 or fashion-mnist files",
+                 "--download download cifar10/cifar100 or fashion-mnist", f"${ENV_VAR}"):
+        assert flag in train_help
+
+
+def test_train_size_reaches_the_loader_and_a_checkpoints_runs(capsys, tmp_path: Path, monkeypatch) -> None:
+    import importlib
+
+    from conftest import write_fake_fashion_mnist
+
+    root = tmp_path / "fm"
+    write_fake_fashion_mnist(root, n_train=5100, n_test=40)  # the loader keeps 5000 for validation
+    out = tmp_path / "fm.pt"
+    code, _, err = run(capsys, "train", "--model", "resnet20", "--data", "fashion-mnist", "--data-root", str(root),
+                       "--image-size", "8", "--train-size", "50", "--epochs", "1", "--out", str(out),
+                       "--no-progress")
+    assert code == 0, err
+    _, meta = checkpoint.load_baseline(out)
+    assert meta["data"]["train_size"] == 50
+    assert meta["data"]["sizes"] == {"train": 50, "val": 5000, "test": 40}
+
+    seen = {}
+
+    class Seen(ap.AutopruneError):
+        pass
+
+    def capture(model, bundle, *args, **kwargs):  # what prune would run on, then stop
+        seen["train"] = len(bundle.train)
+        raise Seen("captured")
+
+    monkeypatch.setattr(importlib.import_module("autoprune.prune"), "prune", capture)
+    for extra, expected in (([], 50), (["--train-size", "60"], 60)):  # the checkpoint's, unless given
+        code, _, err = run(capsys, "prune", "--checkpoint", str(out), "--data-root", str(root), "--flops", "50%",
+                           "--out", str(tmp_path / "p"), "--no-progress", *extra)
+        assert code == 2 and "captured" in err and seen["train"] == expected
+
+
+def test_train_size_is_refused_for_a_dataset_without_it(capsys, tmp_path: Path) -> None:
+    code, _, err = run(capsys, "train", "--model", "resnet20", "--data", "digits", "--train-size", "100",
+                       "--out", str(tmp_path / "x.pt"), "--no-progress")
+    assert_usage_error(code, err, "'digits'", "train_size")
+    assert not (tmp_path / "x.pt").exists()

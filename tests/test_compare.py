@@ -1,13 +1,17 @@
-"""compare: every method meets each budget; table, CSV, JSON and plots agree."""
+"""compare: every method meets each budget; table, CSV, JSON and plots agree; finished runs
+are reused only when every setting matches."""
 
 import csv
 import json
 
 import pytest
 import torch
+import yaml
 
 import autoprune as ap
-from autoprune.compare import compare, proxy_fidelity
+from autoprune.compare import compare
+from autoprune.pipeline import Result
+from autoprune.prune import prune_settings
 
 
 TINY_SPACE = """\
@@ -29,8 +33,11 @@ def _check_written(results, out, methods, model, data):
     saved = json.loads((out / "results.json").read_text())
     assert saved["rows"] == results["rows"]
     table = (out / "results.md").read_text()
-    for s in results["summary"]:
-        assert f"| {s['budget']} | {s['method']} | {100 * s['accuracy_mean']:.2f} ± 0.00 | 1 |" in table
+    for s in results["summary"]:  # one table per budget, one row per arm
+        section = table.split(f"### {s['budget']}\n")[1].split("###")[0]
+        assert f"| {s['method']} | {100 * s['accuracy_mean']:.2f} ± 0.00 | none (n = 1) | 1 |" in section
+    for row in rows:  # compute columns: no fine-tune (0 epochs), so no search cost
+        assert row["finetunes"] == "0" and row["search_cost"] == "" and float(row["method_s"]) >= 0
     csv_acc = {(r["budget"], r["method"]): float(r["accuracy"]) for r in rows}
     assert all(csv_acc[(s["budget"], s["method"])] == pytest.approx(s["accuracy_mean"])
                for s in results["summary"])
@@ -42,7 +49,8 @@ def test_compare_tiny(trained, tmp_path):
     model, data = trained
     methods = ("uniform", "greedy", "wsp", "tp_global")
     kw = dict(budgets=("flops<=60%", "flops<=40%"), methods=methods, seeds=(0,), finetune_epochs=0,
-              out=tmp_path, progress=False, calib_images=64, bn_batches=3)
+              out=tmp_path, progress=False, calib_images=64, bn_batches=3,
+              greedy_step=0.05)  # the authors' greedy (the default) in 5%-of-FLOPs steps: fast enough here
     results = compare(model, data, **kw)
     _check_written(results, tmp_path, methods, model, data)
     report = tmp_path / "runs" / "flops-40pct-greedy-s0" / "report.json"
@@ -61,72 +69,148 @@ def test_compare_with_search(trained, tmp_path):
     methods = ("uniform", "greedy", "wsp", "tp_global", "search")
     results = compare(model, data, budgets=("flops<=60%", "flops<=40%"), methods=methods, seeds=(0,),
                       finetune_epochs=0, out=tmp_path, progress=False, calib_images=64, bn_batches=3,
-                      space=tmp_path / "tiny.yaml", trials=3, workers=2)
+                      space=tmp_path / "tiny.yaml", trials=3, workers=2, greedy_step=0.05)
     _check_written(results, tmp_path, methods, model, data)
     for budget in ("60", "40"):
         report = json.loads((tmp_path / "runs" / f"flops-{budget}pct-search-s0" / "report.json").read_text())
         assert len(report["trials"]) == 3 and report["seeds"]["uniform"]["number"] == 0
 
 
-def test_proxy_fidelity_tau_matches_scipy_free_count(trained, tmp_path):
-    model, data = trained
-    (tmp_path / "tiny.yaml").write_text(TINY_SPACE)
-    fid = proxy_fidelity(model, data, "flops<=50%", n=4, space=tmp_path / "tiny.yaml", finetune_epochs=1)
-    rows = fid["candidates"]
-    assert len(rows) == 4 and fid["proxy"]["finetune_steps"] == 5
-    target = 0.5 * ap.fvcore_cost(model, torch.zeros(1, *data.input_shape)).flops
-    assert all(r["flops"] <= target for r in rows)
-    assert len({r["flops"] for r in rows}) > 1  # different structures were drawn
-
-    def tau(a, b):  # Kendall tau-b by pair counting, independent of scipy
-        import itertools
-        conc = disc = ta = tb = 0
-        for i, j in itertools.combinations(range(len(a)), 2):
-            da, db = a[i] - a[j], b[i] - b[j]
-            if da == 0 and db == 0:
-                continue
-            if da == 0:
-                ta += 1
-            elif db == 0:
-                tb += 1
-            elif da * db > 0:
-                conc += 1
-            else:
-                disc += 1
-        denom = ((conc + disc + ta) * (conc + disc + tb)) ** 0.5
-        return (conc - disc) / denom if denom else float("nan")
-
-    final = [r["final"] for r in rows]
-    expected = tau([r["proxy_finetune"] for r in rows], final)
-    got = fid["kendall_tau_proxy_finetune"]
-    assert (got != got and expected != expected) or got == pytest.approx(expected)
+@pytest.fixture
+def untrained():
+    """An untrained ResNet-20 and 8x8 digits: enough for tests that run no pruning."""
+    torch.manual_seed(0)
+    return ap.models.create("resnet20", num_classes=10).eval(), ap.data.load("digits", image_size=8)
 
 
-def test_compare_resumes_an_interrupted_search(trained, tmp_path, monkeypatch):
-    """A search run folder holding a Tune experiment but no report is resumed, not restarted."""
+def _fake_report(method: str, settings: dict | None = None) -> dict:
+    report = json.loads(json.dumps(FAKE_REPORT))
+    report["method"] = method
+    if settings is not None:
+        report["settings"] = json.loads(json.dumps(settings))
+    return report
+
+
+def _finished_run(out, model, data, method, **kw):
+    """A finished run folder of ``method`` at flops<=50%, seed 0, recorded with settings ``kw``."""
+    run = out / "runs" / f"flops-50pct-{method}-s0"
+    run.mkdir(parents=True)
+    settings = prune_settings(model, data, "flops<=50%", method, seed=0, **kw)
+    (run / "report.json").write_text(json.dumps(_fake_report(method, settings)))
+    return run
+
+
+def test_reuse_needs_every_setting_to_match(untrained, tmp_path, monkeypatch, capsys):
+    """The same settings: reused, prune never called. Other epochs, or another baseline: rerun,
+    with one line naming what changed."""
     import importlib
-
-    from autoprune.pipeline import Result
-    search_package = importlib.import_module("autoprune.search")
-    model, data = trained
+    compare_module = importlib.import_module("autoprune.compare")  # the module, not ap.compare
+    model, data = untrained
     calls = []
 
-    def fake_search(model, data, **kw):
+    def fake_prune(model, data, budget, method, **kw):
         calls.append(kw)
-        report = json.loads(json.dumps(FAKE_REPORT))
-        return Result(model, None, report)
+        return Result(model, None, _fake_report(method, prune_settings(model, data, budget, method, **kw)))
+    monkeypatch.setattr(compare_module, "prune", fake_prune)
+    _finished_run(tmp_path, model, data, "uniform", criterion=None, finetune_epochs=5, progress=False)
+    kw = dict(budgets=("flops<=50%",), methods=("uniform",), seeds=(0,), out=tmp_path, progress=False)
+    results = compare(model, data, finetune_epochs=5, **kw)
+    assert calls == [] and results["rows"][0]["accuracy"] == FAKE_REPORT["pruned"]["accuracy"]
+    assert capsys.readouterr().err == ""
+
+    results = compare(model, data, finetune_epochs=3, **kw)
+    assert len(calls) == 1 and calls[0]["finetune_epochs"] == 3
+    assert "runs/flops-50pct-uniform-s0: rerunning (finetune_epochs 5 -> 3)" in capsys.readouterr().err
+
+    with torch.no_grad():  # the stored run has epochs 3 now (fake_prune's report is not written, so 5)
+        model.conv1.weight[0, 0, 0, 0] += 1.0
+    compare(model, data, finetune_epochs=5, **kw)
+    err = capsys.readouterr().err
+    assert len(calls) == 2 and "rerunning (baseline " in err and "finetune_epochs" not in err
+
+
+def test_a_run_records_what_it_spent_and_what_it_depends_on(untrained):
+    model, data = untrained
+    kw = dict(finetune_epochs=1, calib_images=32, bn_batches=2)
+    report = ap.prune(model, data, "flops<=50%", method="uniform", progress=False, **kw).report
+    c = report["compute"]
+    assert c["finetunes"] == 1 and c["finetune_s"] == report["finetune"]["wall_s"] > 0
+    assert c["search_cost"] == pytest.approx(c["method_s"] / c["finetune_s"], rel=1e-3)
+    assert 0 < c["method_s"] + c["finetune_s"] <= report["elapsed_s"] + 0.01
+    assert report["settings"] == prune_settings(model, data, "flops<=50%", "uniform", **kw)
+    assert report["settings"]["options"]["finetune_epochs"] == 1
+    assert report["settings"]["options"]["criterion"] == {"di": 1.0}  # the method's default, resolved
+    assert report["settings"]["data"] == {"name": data.name, "settings": data.settings}
+
+
+def test_compare_resumes_an_interrupted_search_only_with_its_settings(untrained, tmp_path, monkeypatch, capsys):
+    """A search run folder holding a Tune experiment but no report is resumed when its recorded
+    settings match; with other trials it is discarded and started again."""
+    import importlib
+
+    from autoprune.search import load
+    search_package = importlib.import_module("autoprune.search")
+    model, data = untrained
+    calls = []
+
+    def fake_search(model, data, *args, **kw):
+        calls.append(kw)
+        return Result(model, None, _fake_report("search"))
     monkeypatch.setattr(search_package, "search", fake_search)
     run = tmp_path / "runs" / "flops-50pct-search-s0"
     (run / "tune").mkdir(parents=True)
-    results = compare(model, data, budgets=("flops<=50%",), methods=("search",), seeds=(0,),
-                      finetune_epochs=0, progress=False, out=tmp_path, space="generic", trials=4)
+    space = {k: v for k, v in load("generic").as_dict().items() if k not in ("name", "path") and v is not None}
+    (run / "space.yaml").write_text(yaml.safe_dump(space))
+    (run / "search.json").write_text(json.dumps({
+        "budget": {"kind": "flops", "value": 0.5, "relative": True}, "trials": 4, "workers": 2, "seed": 0,
+        "seeds": {}, "space": "generic", "method": "search"}))
+    kw = dict(budgets=("flops<=50%",), methods=("search",), seeds=(0,), finetune_epochs=0, progress=False,
+              out=tmp_path, space="generic")
+    results = compare(model, data, trials=4, **kw)
     assert len(calls) == 1 and calls[0]["resume"] is True and calls[0]["out"] == run
     assert "space" not in calls[0] and "trials" not in calls[0]  # the recorded settings apply
     assert results["rows"][0]["accuracy"] == FAKE_REPORT["pruned"]["accuracy"]
+
+    compare(model, data, trials=5, **kw)
+    assert len(calls) == 2 and "resume" not in calls[1] and calls[1]["trials"] == 5
+    assert not (run / "tune").exists() and not (run / "search.json").exists()
+    assert "starting its search again (trials 4 -> 5)" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_every_arm_meets_an_aggressive_budget(trained, tmp_path):
+    """flops<=15% for every registered method, the search arms included: each meets it; the
+    random arm enqueues no seeds; search_widths varies widths only, ranked by di."""
+    model, data = trained
+    (tmp_path / "tiny.yaml").write_text(TINY_SPACE.replace("criteria: [l1]", "criteria: [l1, di]"))
+    methods = ap.methods.available()
+    results = compare(model, data, budgets=("flops<=15%",), methods=methods, seeds=(0,), finetune_epochs=0,
+                      out=tmp_path, progress=False, calib_images=64, bn_batches=3,
+                      space=tmp_path / "tiny.yaml", trials=3, workers=2, greedy_step=0.05)
+    base = ap.fvcore_cost(model, torch.zeros(1, *data.input_shape)).flops
+    # every arm meets it, or (a peer whose search space cannot go that low: fastnas) is recorded as
+    # unreached with its reason, and a missing optional peer is recorded as skipped
+    ran = [r["method"] for r in results["rows"]]
+    assert set(ran) | {u["method"] for u in results["unreached"]} | set(results["skipped"]) == set(methods)
+    assert set(ran) >= {m for m in methods if m != "fastnas"}
+    assert all(u["method"] == "fastnas" and "cannot reach" in u["reason"] for u in results["unreached"])
+    assert all(r["flops"] <= 0.15 * base for r in results["rows"])
+    md = (tmp_path / "results.md").read_text()
+    assert all(f"{m} cannot reach" in md for m in {u["method"] for u in results["unreached"]})
+    reports = {m: json.loads((tmp_path / "runs" / f"flops-15pct-{m}-s0" / "report.json").read_text())
+               for m in ("search", "random", "search_widths")}
+    assert reports["random"]["seeds"] == {} and reports["search"]["seeds"]["uniform"]["number"] == 0
+    assert all(set(t["config"]) <= {"ratio/layer1", "ratio/layer2", "ratio/layer3", "ratio/conv1"}
+               for t in reports["search_widths"]["trials"])
+    assert reports["search_widths"]["criterion"] == {"di": 1.0}
+    assert {m: r["compute"]["proxy_evaluations"] for m, r in reports.items()} == \
+        {"search": 3, "random": 3, "search_widths": 3}
 
 
 FAKE_REPORT = {"method": "search", "seed": 0, "elapsed_s": 1.0, "widths": {"conv1": [8, 16]},
                "budget": {"spec": "flops<=50%"},
                "base": {"flops": 100, "params": 10, "accuracy": 0.9, "latency_ms": 1.0},
                "pruned": {"flops": 50, "params": 6, "accuracy": 0.8, "accuracy_adaptive_bn": 0.5,
-                          "latency_ms": 0.6}}
+                          "latency_ms": 0.6},
+               "compute": {"proxy_evaluations": 4, "method_s": 2.0, "finetunes": 1, "finetune_s": 4.0,
+                           "search_cost": 0.5}}

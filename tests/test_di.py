@@ -181,7 +181,7 @@ def test_num_classes_param_fixes_size_and_rejects_larger_labels():
     unit = Unit("u", 3, 1, 1, 1, ("u",))
     crit = DI(num_classes=4)
     state = crit.init(unit, None)
-    assert state["class_sums"].shape == (4, 3)
+    assert state["class_sums"].shape == (1, 4, 3)  # one slice per writer layer of the unit
     crit.update(unit, state, Batch({("pre", "u"): torch.randn(6, 3)}, {}, torch.tensor([0, 1, 3, 0, 1, 3])))
     with pytest.raises(ValueError, match="num_classes"):
         crit.update(unit, state, Batch({("pre", "u"): torch.randn(2, 3)}, {}, torch.tensor([4, 0])))
@@ -227,7 +227,7 @@ def test_end_to_end_calibrate_and_score():
     assert space.unit_names[0] == "0"
     stats = calibrate(space, model, _batches(), criteria=["di", "di_fullmap"], progress=False)
     state = stats.of("di")["0"]
-    assert state["second"].shape == (6, 6) and state["counts"].sum() == 128
+    assert state["second"].shape == (1, 6, 6) and state["counts"].sum() == 128  # one writer
     for name in ("di", "di_fullmap"):
         scores = criteria.score(name, space, stats)
         assert set(scores) == set(space.unit_names)

@@ -2,7 +2,6 @@
 search, the official split with a stratified validation set carved from train, and one-line
 errors for damaged or missing files."""
 
-import gzip
 import struct
 
 import numpy as np
@@ -12,33 +11,7 @@ import torch
 import autoprune as ap
 from autoprune import idx
 from autoprune.errors import DataError
-
-
-def _idx_bytes(array: np.ndarray) -> bytes:
-    return b"\0\0\x08" + bytes([array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
-
-
-def _write(folder, name, array, gz=True):
-    data = _idx_bytes(array.astype(np.uint8))
-    path = folder / (f"{name}.gz" if gz else name)
-    path.write_bytes(gzip.compress(data) if gz else data)
-    return path
-
-
-def _fake(folder, n_train=200, n_test=50, side=6, gz=True, seed=0):
-    """Four tiny IDX files; each image's pixels encode (class, index) so they can be traced."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    out = {}
-    for split, n in (("train", n_train), ("t10k", n_test)):
-        labels = np.arange(n) % 10
-        rng.shuffle(labels)
-        images = rng.integers(0, 256, size=(n, side, side), dtype=np.uint8)
-        images[:, 0, 0] = labels * 20  # a pixel that carries the label
-        _write(folder, f"{split}-images-idx3-ubyte", images, gz)
-        _write(folder, f"{split}-labels-idx1-ubyte", labels, gz)
-        out[split] = (images, labels)
-    return out
+from conftest import idx_bytes as _idx_bytes, write_fake_fashion_mnist as _fake, write_idx as _write
 
 
 @pytest.fixture

@@ -304,9 +304,10 @@ def test_wsp_budget_unreachable(vgg):
 
 # --- WSP through autoprune.prune: the method removes exactly the weak sub-network ---------
 
-def _no_finish(model, small, data, space, budget, widths, *args):
+def _no_finish(model, small, data, space, budget, widths, *args, **kwargs):
     """pipeline.finish without adaptive BN, fine-tuning and timing: the test reads the Plan."""
-    return {"widths": {u.name: [widths[u.name], u.width] for u in space.units}}
+    return {"widths": {u.name: [widths[u.name], u.width] for u in space.units},
+            "finetune": {"epochs": 0, "wall_s": 0.0}}
 
 
 @pytest.mark.parametrize("variant", ["weight", "data"])

@@ -16,8 +16,9 @@ from autoprune.prune import prune
                                            ("wsp", "flops<=40%")])
 def test_prune_report_recounts(trained, tmp_path, method, budget):
     model, data = trained
+    quick = {"greedy_step": 0.1, "greedy_bn_batches": 1} if method == "greedy" else {}  # the authors' loop, coarse
     result = prune(model, data, budget, method=method, finetune_epochs=1, calib_images=128,
-                   bn_batches=5, out=tmp_path, progress=False)
+                   bn_batches=5, out=tmp_path, progress=False, **quick)
     report = json.loads((tmp_path / "report.json").read_text())
     b = ap.Budget.parse(budget)
     assert report["budget"]["realized"] <= report["budget"]["target"]
@@ -90,37 +91,63 @@ class _Recording(MaskedEvaluator):
         return super().__call__(masks)
 
 
-@pytest.mark.parametrize("case", ["tied", "clusters"])
+@pytest.mark.parametrize("case", ["tied", "clusters", "rescored"])
 def test_greedy_steps_evaluate_the_network_select_produces(trained, case):
     """Every committed accuracy-mode step masked exactly the channels ``select`` keeps at
     that step's widths: the masked model's outputs equal the physically pruned model's.
     Tied scores (select keeps the lower indices) and cluster-proportional selection are the
-    two ways a score-order mask used to differ from the Plan."""
+    two ways a score-order mask used to differ from the Plan. Re-scored by DI on the pruned
+    network every step, the ranking changes as the walk goes: each step's channels are
+    those it committed to (removed channels stay removed), and the final ranking's Plan
+    removes exactly the last step's channels."""
     from autoprune import grouping
+    from autoprune.calibrate import calibrate
     from autoprune.greedy import channel_masks
+    from autoprune.greedy_rescore import Rescorer
+    from autoprune.plan import Plan
     model, data = trained
     space = ap.Space(model, torch.zeros(1, *data.input_shape))
+    labels, rescoring = None, {}
     if case == "tied":
-        scores, labels = {u.name: torch.ones(u.width) for u in space.units}, None
-    else:
+        scores = {u.name: torch.ones(u.width) for u in space.units}
+    elif case == "clusters":
         scores, labels = ap.criteria.score("l1", space), grouping.cluster("sg", space, None, 4)
+    else:
+        calib = list(ap.data.loader(data.train, batch_size=64, shuffle=True, seed=0))[:1]
+        stats = calibrate(space, model, calib, [("di", {"num_classes": 10})], n_images=64, progress=False)
+        scores = ap.criteria.score("di", space, stats, num_classes=10)
     val = list(ap.data.loader(data.val, batch_size=256))[:1]
     evaluator = _Recording(model, space, val)
+    if case == "rescored":
+        rescoring = {"rescorer": Rescorer(space, evaluator.model, calib, {"di": 1.0}, {"di": {"num_classes": 10}}, 64),
+                     "rescore_every": 1}
     result = greedy_widths(space, scores, "flops<=70%", step=0.05, mode="accuracy", evaluator=evaluator,
-                           progress=False, clusters=labels)
+                           progress=False, clusters=labels, **rescoring)
     assert len(result.trajectory) >= 3 and result.info["mode"] == "accuracy"
     x = val[0][0]
-    widths = space.full_widths()
+    widths, previous = space.full_widths(), {}
     for step in result.trajectory:
         assert step["mode"] == "accuracy"
         widths[step["unit"]] = step["kept"]
         masks = evaluator.seen[tuple(sorted(widths.items()))]
         with torch.no_grad(), channel_masks(model, space, masks):
             masked = model(x)
-        small = ap.select(space, widths, scores=scores, clusters=labels).apply(model).eval()
+        if case == "rescored":  # the step's own channels, physically; nested in the previous step's
+            keep = {u: torch.nonzero(m).flatten().tolist() for u, m in masks.items()}
+            plan = Plan(keep, {u: len(m) for u, m in masks.items()}, space.input_shape)
+            assert all(set(keep[u]) <= set(previous.get(u, keep[u])) for u in keep)
+            previous = keep
+        else:
+            plan = ap.select(space, widths, scores=scores, clusters=labels)
+        small = plan.apply(model).eval()
         with torch.no_grad():
             physical = small(x)
         assert torch.allclose(masked, physical, atol=1e-5), (step["step"], step["unit"])
+    if case == "rescored":
+        assert result.info["rescores"] == len(result.trajectory) - 1
+        final = ap.select(space, widths, scores=result.scores).keep
+        assert final == previous
+        assert ap.select(space, widths, scores=scores).keep != final  # re-ranking changed the channels
 
 
 def test_greedy_criterion_mode_compares_units_on_one_scale(trained):
@@ -154,7 +181,8 @@ def test_prune_gives_the_greedy_the_plans_clusters(trained, monkeypatch):
     monkeypatch.setattr(greedy_method, "greedy_widths", recording)
     model, data = trained
     result = prune(model, data, "flops<=70%", method="greedy", clusters="sg", greedy_step=0.05,
-                   finetune_epochs=0, calib_images=64, bn_batches=2, greedy_bn_batches=0, progress=False)
+                   finetune_epochs=0, calib_images=64, bn_batches=2, greedy_bn_batches=0, progress=False,
+                   greedy_mode="criterion", greedy_rescore=0)
     space = seen["space"]
     expected = grouping.cluster("sg", space, None, None)
     assert seen["clusters"].keys() == expected.keys()
@@ -216,7 +244,8 @@ def base_ckpt(trained_once, tmp_path_factory):
 
 def test_cli_prune_with_checkpoint(base_ckpt, tmp_path, capsys):
     code = cli.main(["prune", "--checkpoint", str(base_ckpt), "--flops", "50%", "--epochs", "0",
-                     "--calib-images", "64", "--out", str(tmp_path / "o"), "--no-progress"])
+                     "--calib-images", "64", "--out", str(tmp_path / "o"), "--no-progress",
+                     "--greedy-step", "0.1", "--greedy-bn-batches", "1"])
     out = capsys.readouterr().out
     assert code == 0 and "realized" in out
     report = json.loads((tmp_path / "o" / "report.json").read_text())

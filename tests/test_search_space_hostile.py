@@ -1,7 +1,7 @@
 """Hostile search-space files: each one loads, or fails at load with one SearchSpaceError
 line naming the file — before any heavy work, and without formatting an unbounded value
 (an alias bomb, a 10**300 count, a 100,000-item list, a catastrophic regex, bad sampler
-arguments, fpar)."""
+arguments, an unknown criterion)."""
 
 import os
 import subprocess
@@ -21,7 +21,7 @@ from autoprune.cli import main
 from autoprune.errors import AutopruneError
 from autoprune.search import SearchSpace, SearchSpaceError, load
 from autoprune.search.samplers import sampler_args, sampler_class
-from autoprune.search.space import MAX_FILE_BYTES, NOT_IN_SEARCH, SAMPLERS, WEIGHT_LOW, show
+from autoprune.search.space import MAX_FILE_BYTES, SAMPLERS, WEIGHT_LOW, show
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
@@ -207,12 +207,12 @@ def test_every_settable_sampler_argument_accepts_its_own_default(name):
 
 # ----------------------------------------------------------------------------- 4. criteria
 
-def test_fpar_is_refused_and_every_other_criterion_loads(tmp_path):
-    message = refused(write(tmp_path, GOOD.replace("[di, l1]", "[di, fpar]")))
-    assert "criteria[1]: fpar is not yet available in search spaces" in message
-    others = [n for n in criteria.available() if n not in NOT_IN_SEARCH]
-    assert "fpar" not in others and f"(available: {', '.join(others)})" in message
-    for name in others:
+def test_every_criterion_loads_fpar_included_and_an_unknown_one_is_refused(tmp_path):
+    message = refused(write(tmp_path, GOOD.replace("[di, l1]", "[di, fparr]")))
+    assert "criteria[1]: unknown criterion" in message and message.endswith("got 'fparr'")
+    assert f"(available: {', '.join(criteria.available())})" in message
+    assert "fpar" in criteria.available()
+    for name in criteria.available():
         assert load(write(tmp_path, GOOD.replace("[di, l1]", f"[{name}]"), f"{name}.yaml")).criteria == [name]
 
 
@@ -330,12 +330,12 @@ def test_the_space_tune_writes_for_resume_reloads(tmp_path):
     (b"\x89PNG\r\n\x1a\n\xff\xfe" + bytes(64), "is not a UTF-8 text YAML file"),
     (GOOD + "proxy: {lr: 0.1\n", "line 5, column 1: not valid YAML"),
     (GOOD + "sampler: {name: tpe, n_startup_trials: eight}\n", "sampler.n_startup_trials: must be an integer"),
-    (GOOD.replace("[di, l1]", "[fpar]"), "fpar is not yet available in search spaces"),
+    (GOOD.replace("[di, l1]", "[fparr]"), "criteria[0]: unknown criterion"),
     (GOOD + f"clusters: {{method: sg, k: [{BIG}]}}\n", "clusters.k[0]: must be an integer >= 1"),
     (GOOD + "description: " + "[" * 100 + "]" * 100 + "\n", "nested more than 8 levels deep"),
     (GOOD.replace("'.*'", "'(a+)+$'"), "could take exponential time"),
     (GOOD + "#" * MAX_FILE_BYTES, "is larger than 1 MiB"),
-], ids=["alias", "binary", "syntax", "sampler", "fpar", "huge-k", "deep", "regex", "size"])
+], ids=["alias", "binary", "syntax", "sampler", "criterion", "huge-k", "deep", "regex", "size"])
 def test_cli_search_refuses_each_class_with_exit_2_and_one_line(tmp_path, capsys, text, expected):
     path = write(tmp_path, text)
     line = cli(path, tmp_path, capsys)

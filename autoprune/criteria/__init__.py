@@ -43,9 +43,10 @@ def available() -> list[str]:
 
 
 def standalone() -> list[str]:
-    """Criteria scored from calibration summaries alone (``Criterion.requires`` empty), so
-    :func:`autoprune.prune` can compute them; the others (``fpar``: its attention) need
-    inputs passed to :func:`score` by the caller."""
+    """Criteria scored from calibration summaries alone (``Criterion.requires`` empty). The
+    others (``fpar``: its attention) compute what they require from the model and the
+    calibration images (:meth:`Criterion.inputs`): :func:`autoprune.prune` and the search
+    do that, a caller of :func:`score` passes it."""
     return [n for n in available() if not getattr(_discover()[n], "requires", ())]
 
 
@@ -57,6 +58,30 @@ def get(name: str, **params) -> Criterion:
         hint = f"; did you mean {', '.join(near)}?" if near else ""
         raise CriterionError(f"unknown criterion {short(name)}{hint} (available: {', '.join(available())})")
     return registry[name](**params)
+
+
+def check_params(params: "Mapping[str, Mapping[str, object]] | None",
+                 weights: Mapping[str, float]) -> dict[str, dict[str, object]]:
+    """The user's criterion settings ``{criterion: {setting: value}}`` as plain dicts, each
+    checked by its criterion (:meth:`Criterion.check`); CriterionError (one line) for a
+    criterion the mix ``weights`` does not use, a setting it does not take or a bad value."""
+    if params is None:
+        return {}
+    example = "e.g. {'fpar': {'lam': 0.5}}"
+    if not isinstance(params, Mapping):
+        raise CriterionError(f"criterion_params must map criterion names to their settings ({example}), "
+                             f"got {short(params)}")
+    out = {}
+    for name, settings in params.items():
+        if name not in weights:
+            raise CriterionError(f"criterion_params names {short(name)}, which the criterion mix "
+                                 f"({', '.join(weights)}) does not use")
+        if not isinstance(settings, Mapping) or not all(isinstance(k, str) for k in settings):
+            raise CriterionError(f"criterion_params[{name!r}] must map setting names to values "
+                                 f"({example}), got {short(settings)}")
+        get(name, **settings).check()
+        out[name] = dict(settings)
+    return out
 
 
 def parse_mix(spec: "str | Mapping[str, float]") -> dict[str, float]:
@@ -123,6 +148,23 @@ def score(name: str, space, stats: Stats | None = None, **params) -> dict[str, t
     return crit.score(space, stats if stats is not None else Stats())
 
 
+def score_with_inputs(name: str, space, stats: Stats | None, model, batches,
+                      params: Mapping[str, object] | None = None, *, seed: int = 0,
+                      device=None) -> dict[str, torch.Tensor]:
+    """:func:`score` of criterion ``name`` with ``params``, after computing what it
+    ``requires`` besides the summaries (:meth:`Criterion.inputs`; fpar: its attention) from
+    ``model`` on ``batches``, the (re-iterable) images ``stats`` were calibrated on, with
+    ``seed``. The one place :func:`autoprune.prune`, the search and a re-scoring call."""
+    params = dict(params or {})
+    crit = get(name, **params)
+    if crit.requires:
+        if batches is None:
+            raise ValueError(f"criterion {name!r} computes {', '.join(crit.requires)} from the model on the "
+                             "calibration images: pass them as batches")
+        params.update(crit.inputs(space, model, batches, seed=seed, device=device))
+    return score(name, space, stats, **params)
+
+
 def rank_normalise(scores: torch.Tensor) -> torch.Tensor:
     """Ranks of ``scores`` scaled to [0, 1] (0 = least important); ties share the mean rank."""
     s = scores.double().flatten()
@@ -150,5 +192,5 @@ def mix(weights: Mapping[str, float], scores: Mapping[str, Mapping[str, torch.Te
             for u in units}
 
 
-__all__ = ["Batch", "Criterion", "Stats", "available", "check_weights", "get", "mix", "parse_mix",
-           "rank_normalise", "score", "standalone"]
+__all__ = ["Batch", "Criterion", "Stats", "available", "check_params", "check_weights", "get", "mix", "parse_mix",
+           "rank_normalise", "score", "score_with_inputs", "standalone"]

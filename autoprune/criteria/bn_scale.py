@@ -1,7 +1,9 @@
 """BN scale (network slimming, Liu et al., 2017): |γ| of the unit's norm layers.
 
-Coupled units (residual adds) have several norm layers; their |γ| are summed.
-Units without an affine norm layer raise ModelError naming the unit (no silent fallback).
+Coupled units (residual adds) have several norm layers, one per writer of the stream;
+their |γ| are summed, so every member counts (each γ scales what its writer adds to the
+channel, and the sum bounds the channel's total scale). Units without an affine norm
+layer raise ModelError naming the unit (no silent fallback).
 """
 
 from __future__ import annotations

@@ -3,8 +3,21 @@
 For features ``x_i`` with class labels, ``DI = tr[(S̄ + ρI)⁻¹ S_B]``: the ridge-regularised
 ratio of between-class scatter ``S_B`` to total scatter ``S̄``. DI never decreases when a
 feature is added, so the channel whose removal lowers DI least carries least
-discriminant power. Both forms read the unit's root conv output before its norm layer
-(tap ``"pre"``), as METHODS.md §1 prescribes.
+discriminant power. Both forms read the unit's root conv outputs before their norm layers
+(tap ``"pre"``), as METHODS.md §1 prescribes — every root of the unit: a residual stream
+is written by several convs (the stage's first conv or shortcut and each block's second
+conv), and pruning a channel removes it from all of them.
+
+* Coupled units, pooled form: one summary per writer (a leading member axis), each
+  writer's exact ΔDI, and the unit's score their mean
+  (:func:`~autoprune.criteria.base.reduce_members`, ``same_scale``): DI is dimensionless
+  and unchanged when a writer's features are rescaled (the default ridge scales with
+  them), so the writers' ΔDI are on one scale and a writer carrying no class
+  information adds about nothing instead of a normalised vote. The exact joint ΔDI of
+  all writers' features would need an (M·C)² scatter per unit; the mean keeps M·C².
+* Coupled units, full-map form: exactly the joint quantity, since the sample-space form
+  costs N×N whatever the feature count: the writers' flattened maps are concatenated per
+  channel and one mask ``m_c`` scales channel c in every writer.
 
 * ``di`` (default, channel-pooled): ``x_i`` is the global-average-pooled map, so
   ``D = C`` and the exact drop from removing channel ``c`` has the closed form
@@ -28,7 +41,7 @@ import numpy as np
 import torch
 
 from ..errors import CriterionError
-from .base import Batch, Criterion
+from .base import Batch, Criterion, members, reduce_members
 
 DEFAULT_RHO_REL = 1e-3
 """Default ridge of the pooled form, relative to the mean total-scatter eigenvalue."""
@@ -79,6 +92,13 @@ def summarise(features, labels, num_classes: int | None = None) -> dict[str, tor
     return {"counts": counts, "class_sums": sums, "second": x.T @ x}
 
 
+def member_summaries(state: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """The :class:`DI` criterion's unit summary split into one :func:`summarise`-shaped
+    summary per member (writer layer, in :func:`~autoprune.criteria.base.members` order)."""
+    return [{"counts": state["counts"], "class_sums": sums, "second": second}
+            for sums, second in zip(state["class_sums"], state["second"])]
+
+
 def scatter_from_summary(state: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Total scatter ``S̄ = Σxxᵀ − Nμμᵀ`` and between-class scatter ``S_B`` from summaries.
 
@@ -88,6 +108,9 @@ def scatter_from_summary(state: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
     counts = state["counts"].double()
     sums = state["class_sums"].double()
     second = state["second"].double()
+    if second.dim() != 2:
+        raise ValueError(f"a DI summary of one feature set has second [D, D], got {tuple(second.shape)}: "
+                         "split a DI criterion's unit summary with member_summaries(state)")
     present = counts > 0
     n = float(counts.sum())
     if n == 0:
@@ -149,6 +172,11 @@ def delta_di_from_scatter(total: torch.Tensor, between: torch.Tensor, rho: float
     t, b = _restrict(total.double(), between.double(), keep)
     m = _ridge_inverse(t, rho)
     return torch.diagonal(m @ b @ m) / torch.diagonal(m)
+
+
+def _float64_ready(maps: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``maps`` detached, moved to the CPU unless their device computes in float64."""
+    return [m.detach() if m.device.type in ("cpu", "cuda") else m.detach().cpu() for m in maps]
 
 
 def _pooled(features) -> torch.Tensor:
@@ -226,7 +254,11 @@ def fullmap_channel_grads(maps: torch.Tensor, labels, rho: float = DEFAULT_FULLM
 
 class DI(Criterion):
     """Channel-pooled exact ΔDI (the default DI score): GAP each ``pre`` map, keep
-    per-class counts and sums and Σxxᵀ in float64, score ``(M S_B M)_cc / M_cc``.
+    per-class counts and sums and Σxxᵀ in float64, score ``(M S_B M)_cc / M_cc``; a unit
+    with several writers scores the mean of their ΔDI (module docstring).
+
+    State: ``counts`` [L] (shared), ``class_sums`` [W, L, C] and ``second`` [W, C, C],
+    one slice per writer (:func:`member_summaries`).
 
     Params: ``rho`` (absolute ridge; default ``rho_rel · tr(S̄)/C``), ``rho_rel``
     (default 1e-3), ``num_classes`` (sizes the class summaries up front and rejects
@@ -239,17 +271,14 @@ class DI(Criterion):
 
     def init(self, unit, space):
         n_cls = int(self.params.get("num_classes") or 0)
-        w = unit.width
+        w, m = unit.width, len(members(unit, "pre"))
         return {"counts": torch.zeros(n_cls, dtype=torch.double),
-                "class_sums": torch.zeros(n_cls, w, dtype=torch.double),
-                "second": torch.zeros(w, w, dtype=torch.double)}
+                "class_sums": torch.zeros(m, n_cls, w, dtype=torch.double),
+                "second": torch.zeros(m, w, w, dtype=torch.double)}
 
     def update(self, unit, state, batch: Batch):
-        fm = batch.maps[("pre", unit.name)].detach()
-        if fm.device.type not in ("cpu", "cuda"):  # float64 support
-            fm = fm.cpu()
-        x = fm.double().flatten(2).mean(2) if fm.dim() > 2 else fm.double()
-        y = _as_labels(batch.labels, x.shape[0])
+        found = _float64_ready(batch.every_member_map("pre", unit, self.name))
+        y = _as_labels(batch.labels, found[0].shape[0])
         if not len(y):
             return
         needed = int(y.max()) + 1
@@ -258,27 +287,32 @@ class DI(Criterion):
             if self.params.get("num_classes"):
                 raise ValueError(f"di: label {needed - 1} out of range for "
                                  f"num_classes={self.params['num_classes']}")
+            sums = state["class_sums"]
             state["counts"] = torch.cat([state["counts"], state["counts"].new_zeros(needed - have)])
             state["class_sums"] = torch.cat(
-                [state["class_sums"], state["class_sums"].new_zeros(needed - have, x.shape[1])])
-        yd = y.to(x.device)
-        sums = x.new_zeros(state["class_sums"].shape).index_add_(0, yd, x)
+                [sums, sums.new_zeros(sums.shape[0], needed - have, sums.shape[2])], dim=1)
         state["counts"] += torch.bincount(y, minlength=state["counts"].shape[0]).double()
-        state["class_sums"] += sums.cpu()
-        state["second"] += (x.T @ x).cpu()
+        for j, fm in enumerate(found):
+            x = fm.double().flatten(2).mean(2) if fm.dim() > 2 else fm.double()
+            sums = x.new_zeros(state["class_sums"].shape[1:]).index_add_(0, y.to(x.device), x)
+            state["class_sums"][j] += sums.cpu()
+            state["second"][j] += (x.T @ x).cpu()
 
     def score(self, space, stats):
         per_unit = stats.of(self.name)
         out = {}
         for unit in space.units:
-            try:
-                total, between = scatter_from_summary(per_unit[unit.name])
-            except ValueError as exc:
-                raise type(exc)(f"di: unit {unit.name}: {exc}") from None
-            rho = self.params.get("rho")
-            if rho is None:
-                rho = default_rho(total, float(self.params.get("rho_rel", DEFAULT_RHO_REL)))
-            out[unit.name] = delta_di_from_scatter(total, between, float(rho))
+            drops = []
+            for summary in member_summaries(per_unit[unit.name]):
+                try:
+                    total, between = scatter_from_summary(summary)
+                except ValueError as exc:
+                    raise type(exc)(f"di: unit {unit.name}: {exc}") from None
+                rho = self.params.get("rho")
+                if rho is None:
+                    rho = default_rho(total, float(self.params.get("rho_rel", DEFAULT_RHO_REL)))
+                drops.append(delta_di_from_scatter(total, between, float(rho)))
+            out[unit.name] = reduce_members(torch.stack(drops), same_scale=True)
         return out
 
 
@@ -292,7 +326,9 @@ class DIFullMap(Criterion):
     per batch before summing (∂DI/∂m_c ≥ 0 anyway, as a larger channel scale only
     weakens the ridge on it); a batch holding one class has DI = 0 and adds nothing.
     State: ``grad`` [C] plus two counters (batches seen / with ≥2 classes) so that an
-    uninformative calibration set raises instead of scoring all-zero.
+    uninformative calibration set raises instead of scoring all-zero. A unit with several
+    writers is one feature set: channel c's features are every writer's map of c, and
+    ``m_c`` scales them all (the exact group quantity; one writer: as before).
     """
 
     name = "di_fullmap"
@@ -304,9 +340,10 @@ class DIFullMap(Criterion):
                 "informative": torch.zeros((), dtype=torch.long)}
 
     def update(self, unit, state, batch: Batch):
-        fm = batch.maps[("pre", unit.name)].detach()
-        if fm.device.type not in ("cpu", "cuda"):
-            fm = fm.cpu()
+        found = _float64_ready(batch.every_member_map("pre", unit, self.name))
+        n = found[0].shape[0]
+        # one feature set per channel: every writer's map of it (one mask scales them all)
+        fm = found[0] if len(found) == 1 else torch.cat([f.reshape(n, unit.width, -1) for f in found], 2)
         y = _as_labels(batch.labels, fm.shape[0])
         state["batches"] += 1
         if len(torch.unique(y)) < 2:
@@ -332,5 +369,5 @@ class DIFullMap(Criterion):
 
 
 __all__ = ["DI", "DIFullMap", "default_rho", "delta_di", "delta_di_from_scatter", "di",
-           "di_from_scatter", "fullmap_channel_grads", "fullmap_di", "scatter_from_summary",
-           "summarise"]
+           "di_from_scatter", "fullmap_channel_grads", "fullmap_di", "member_summaries",
+           "scatter_from_summary", "summarise"]

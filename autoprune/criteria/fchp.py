@@ -9,11 +9,16 @@ of the next unit's pre-BN maps, adaptively average-pooled to this unit's H×W;
 :func:`autoprune.grouping.cluster` ("fchp") runs k-means over the profiles.
 
 The next unit is the one owning the first of this unit's consumers that is a root layer
-of another unit. Its map is that unit's ``pre`` tap, i.e. the output of its *first* root
-layer; when the consumer is a later root of a coupled (residual) unit, that map is the
-same channels read at another depth (an approximation the paper does not need to make).
-A unit with no next unit gets an empty profile and falls back to one cluster; a linear
-unit ([N, C] maps, 1×1) has constant maps, so its correlations are 0.
+of another unit, and its map is that consumer's own output (the next unit's ``pre`` member
+for that layer: for a block whose conv writes a residual stream, the block's conv, not
+the stream's first writer). A unit with no next unit gets an empty profile and falls
+back to one cluster; a linear unit ([N, C] maps, 1×1) has constant maps, so its
+correlations are 0.
+
+A coupled unit (a residual stream) has several writers: the content ``d`` is kept per
+writer and reduced by :func:`~autoprune.criteria.base.reduce_members`
+(``same_scale=False``: singular values carry each writer's own pre-BN scale), and the
+profile of a channel is the mean of its writers' correlation profiles.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import Batch, Criterion
+from .base import Batch, Criterion, members, reduce_members
 from .hpse import as_images
 
 
@@ -66,9 +71,9 @@ def pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a @ b.transpose(1, 2)
 
 
-def next_unit(space, unit):
-    """The unit owning the first of ``unit``'s consumers that is a root layer (any of its
-    ``modules``) of another unit, or None."""
+def next_reader(space, unit):
+    """(next unit, layer): the first of ``unit``'s consumers that is a root layer (any of
+    the ``modules``) of another unit, and that unit; None if no consumer is one."""
     owner = {}
     for other in space.units:
         if other.name != unit.name:
@@ -76,16 +81,23 @@ def next_unit(space, unit):
                 owner.setdefault(m, other)
     for name, _, _ in unit.consumers:
         if name in owner:
-            return owner[name]
+            return owner[name], name
     return None
+
+
+def next_unit(space, unit):
+    """The unit owning the first of ``unit``'s consumers that is a root layer (any of its
+    ``modules``) of another unit, or None."""
+    found = next_reader(space, unit)
+    return found[0] if found else None
 
 
 class FCHP(Criterion):
     """Discriminative content d_c (top-k singular values); also correlation profiles.
 
-    Params: ``k`` SVD rank (default 2). State per unit: ``d`` [C] summed content,
-    ``corr`` [C, C_next] summed correlation profiles (C_next = 0 without a next unit),
-    ``n`` image count.
+    Params: ``k`` SVD rank (default 2). State per unit: ``d`` [W, C] summed content per
+    writer, ``corr`` [C, C_next] summed (writer-mean) correlation profiles (C_next = 0
+    without a next unit), ``n`` image count.
     """
 
     name = "fchp"
@@ -93,7 +105,7 @@ class FCHP(Criterion):
 
     def __init__(self, **params) -> None:
         super().__init__(**params)
-        self._next: dict[str, str | None] = {}
+        self._next: dict[str, tuple | None] = {}
 
     def _rank(self) -> int:
         k = int(self.params.get("k", 2))
@@ -102,27 +114,35 @@ class FCHP(Criterion):
         return k
 
     def init(self, unit, space):
-        nxt = next_unit(space, unit)
-        self._next[unit.name] = nxt.name if nxt else None
-        return {"d": torch.zeros(unit.width, dtype=torch.double),
-                "corr": torch.zeros(unit.width, nxt.width if nxt else 0, dtype=torch.double),
+        found = next_reader(space, unit)
+        self._next[unit.name] = found
+        return {"d": torch.zeros(len(members(unit, "pre")), unit.width, dtype=torch.double),
+                "corr": torch.zeros(unit.width, found[0].width if found else 0, dtype=torch.double),
                 "n": torch.zeros((), dtype=torch.double)}
 
     def update(self, unit, state, batch: Batch):
-        maps = as_images(batch.maps[("pre", unit.name)])
+        found = [as_images(m) for m in batch.every_member_map("pre", unit, self.name)]
         k = self._rank()
         nxt = self._next.get(unit.name)
         if nxt is None and state["corr"].shape[1]:
             raise RuntimeError(f"fchp: update before init for unit {unit.name}")
-        state["n"] += maps.shape[0]
+        state["n"] += found[0].shape[0]
         if nxt is None:
-            state["d"] += svd_content(maps, k).sum(0).double().cpu()
+            for j, maps in enumerate(found):
+                state["d"][j] += svd_content(maps, k).sum(0).double().cpu()
             return
-        recon, content = discriminative(maps, k)
-        state["d"] += content.sum(0).double().cpu()
-        other = as_images(batch.maps[("pre", nxt)]).float()
-        other = F.adaptive_avg_pool2d(other, maps.shape[-2:])
-        state["corr"] += pearson(recon, other).sum(0).cpu()
+        other_unit, layer = nxt
+        other = dict(batch.member_maps("pre", other_unit)).get(members(other_unit, "pre").index(layer))
+        if other is None:
+            raise ValueError(f"fchp: unit {unit.name}: the batch holds no 'pre' map of {layer} "
+                             f"(a root of the next unit, {other_unit.name})")
+        other = as_images(other).float()
+        profiles = []
+        for j, maps in enumerate(found):
+            recon, content = discriminative(maps, k)
+            state["d"][j] += content.sum(0).double().cpu()
+            profiles.append(pearson(recon, F.adaptive_avg_pool2d(other, maps.shape[-2:])).sum(0))
+        state["corr"] += torch.stack(profiles).mean(0).cpu()
 
     def score(self, space, stats):
         out = {}
@@ -130,5 +150,5 @@ class FCHP(Criterion):
             state = stats.of(self.name)[unit.name]
             if float(state["n"]) == 0:
                 raise ValueError(f"fchp: no calibration images were seen for unit {unit.name}")
-            out[unit.name] = (state["d"] / state["n"]).float()
+            out[unit.name] = reduce_members(state["d"] / state["n"], same_scale=False).float()
         return out

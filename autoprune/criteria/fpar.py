@@ -39,25 +39,71 @@ The ``fpar`` criterion combines a given attention with rank summaries:
 >>> att = autoprune.criteria.fpar.attention(space, model, batches, steps=30)
 >>> scores = autoprune.criteria.score("fpar", space, stats, attention=att, lam=1.0)
 
-or in one call: ``fpar_scores(space, model, batches)``.
+or in one call: ``fpar_scores(space, model, batches)``. :func:`autoprune.prune` and the
+search compute the attention themselves (:meth:`FPAR.inputs`, on the calibration images,
+with the run's seed); its settings (:data:`SETTINGS`) go in
+``prune(..., criterion_params={"fpar": {"lam": 0.5, "steps": 60}})`` and are checked by
+:func:`check_settings` before any work.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from contextlib import contextmanager
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import CriterionError, short
 from ..layers import ROOT_TYPES
 from .base import Criterion
 from .hrank import RankState, mean_ranks
 
 GATE_TYPES = (nn.Sigmoid, nn.Hardsigmoid)
 MODES = ("auto", "native", "probe")
+NORMS = ("max", "minmax")
+MAX_STEPS = 100_000
+"""Cap on ``steps`` and ``read_batches`` (each a forward pass over a calibration batch)."""
+
+
+def _int_in(low: int, high: int | None = None) -> Callable[[object], bool]:
+    return lambda v: (isinstance(v, int) and not isinstance(v, bool) and v >= low
+                      and (high is None or v <= high))
+
+
+def _real(ok: Callable[[float], bool]) -> Callable[[object], bool]:
+    return lambda v: (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                      and ok(v))
+
+
+RULES: dict[str, tuple[Callable[[object], bool], str]] = {
+    "mode": (lambda v: isinstance(v, str) and v in MODES, f"one of {', '.join(MODES)}"),
+    "steps": (_int_in(0, MAX_STEPS), f"an integer in 0..{MAX_STEPS}"),
+    "read_batches": (_int_in(1, MAX_STEPS), f"an integer in 1..{MAX_STEPS}"),
+    "reduction": (_int_in(1), "an integer >= 1"),
+    "lr": (_real(lambda v: v > 0), "a finite number > 0"),
+    "momentum": (_real(lambda v: 0 <= v < 1), "a number in [0, 1)"),
+    "init_bias": (_real(lambda v: True), "a finite number"),
+    "lam": (_real(lambda v: v >= 0), "a finite number >= 0"),
+    "norm": (lambda v: isinstance(v, str) and v in NORMS, f"one of {', '.join(NORMS)}"),
+    "rtol": (lambda v: v is None or _real(lambda r: r >= 0)(v), "a finite number >= 0 (or None)"),
+}
+"""Per setting of the criterion, its test and what it allows."""
+ATTENTION_SETTINGS = ("mode", "steps", "lr", "momentum", "reduction", "init_bias", "read_batches")
+"""The settings that go to :func:`attention`."""
+SETTINGS = ("lam", "norm", "rtol", *ATTENTION_SETTINGS)
+"""What a user may set for ``fpar`` (``prune(criterion_params={"fpar": {...}})``)."""
+
+
+def check_settings(settings: Mapping[str, object]) -> None:
+    """CriterionError (one line: the setting, its value and what is allowed) for the first
+    value of ``settings`` its rule in :data:`RULES` refuses; names without a rule pass."""
+    for key, value in settings.items():
+        if key in RULES and not RULES[key][0](value):
+            raise CriterionError(f"fpar setting {key} must be {RULES[key][1]}, got {short(value)}")
 
 
 def native_gates(space, model: nn.Module | None = None) -> dict[str, list[str]]:
@@ -223,10 +269,8 @@ def attention(space, model: nn.Module | None, batches: Iterable, *, mode: str = 
     ``max(steps, read_batches)`` are used, cycled for training. ``model`` defaults
     to ``space.model``; it is left as it was (mode, ``requires_grad``, no hooks).
     """
-    if mode not in MODES:
-        raise ValueError(f"fpar attention mode must be one of {MODES}, got {mode!r}")
-    if steps < 0 or read_batches < 1:
-        raise ValueError(f"fpar attention needs steps >= 0 and read_batches >= 1, got {steps}, {read_batches}")
+    check_settings({"mode": mode, "steps": steps, "lr": lr, "momentum": momentum, "reduction": reduction,
+                    "init_bias": init_bias, "read_batches": read_batches})
     model = space.model if model is None else model
     device = torch.device(device) if device else next(model.parameters()).device
     pool = list(itertools.islice(iter(batches), max(steps, read_batches)))
@@ -275,9 +319,6 @@ def _train_and_read_probes(model, space, names, pool, reading_pool, device, *, s
     return {n: r.mean() for n, r in readings.items()}
 
 
-NORMS = ("max", "minmax")
-
-
 def _normalised(t: torch.Tensor, norm: str = "max") -> torch.Tensor:
     t = torch.as_tensor(t).double().flatten()
     if t.numel() == 0:
@@ -295,8 +336,7 @@ def combine(att: Mapping[str, torch.Tensor], ranks: Mapping[str, torch.Tensor], 
     ``norm="minmax"`` (an option, not the paper's) rescales each of A and R to [0, 1]
     instead, so that probe gates that separated little still weigh as much as rank.
     """
-    if norm not in NORMS:
-        raise ValueError(f"fpar norm must be one of {NORMS}, got {norm!r}")
+    check_settings({"norm": norm})
     missing = set(ranks) - set(att)
     if missing:
         raise KeyError(f"fpar: no attention for units {sorted(missing)[:5]}")
@@ -309,13 +349,25 @@ class FPAR(RankState, Criterion):
 
     Params: ``attention`` (unit → Tensor[width], from :func:`attention`; required at
     score time), ``lam`` (λ, default 1), ``norm`` (``"max"``, the paper's, or
-    ``"minmax"``; see :func:`combine`), ``rtol`` (rank tolerance). Scoring reads this
-    criterion's own rank summaries, or ``hrank``'s when only those were calibrated.
+    ``"minmax"``; see :func:`combine`), ``rtol`` (rank tolerance), and the settings of
+    :func:`attention` (:data:`ATTENTION_SETTINGS`) that :meth:`inputs` uses. Scoring reads
+    this criterion's own rank summaries, or ``hrank``'s when only those were calibrated.
     """
 
     name = "fpar"
     tap = "post"
     requires = ("attention",)
+    settings = SETTINGS
+
+    def check(self) -> None:
+        super().check()
+        check_settings(self.params)
+
+    def inputs(self, space, model, batches, *, seed=0, device=None):
+        """``attention``: :func:`attention` of ``model`` on the calibration ``batches`` with
+        this criterion's settings and ``seed`` (probes trained where the model has no SE gate)."""
+        settings = {k: self.params[k] for k in ATTENTION_SETTINGS if k in self.params}
+        return {"attention": attention(space, model, batches, seed=seed, device=device, **settings)}
 
     def score(self, space, stats):
         att = self.params.get("attention")
@@ -341,4 +393,5 @@ def fpar_scores(space, model: nn.Module | None, batches: Iterable, *, lam: float
     return FPAR(attention=att, lam=lam, norm=norm).score(space, stats)
 
 
-__all__ = ["FPAR", "Probe", "attention", "combine", "fpar_scores", "native_gates"]
+__all__ = ["ATTENTION_SETTINGS", "FPAR", "MODES", "NORMS", "Probe", "RULES", "SETTINGS", "attention",
+           "check_settings", "combine", "fpar_scores", "native_gates"]

@@ -10,6 +10,13 @@ the criterion counts each channel's votes, and :func:`autoprune.grouping.cluster
 ("hpse") takes the mode. Pruning the lowest-edge channels within each group at the same
 rate keeps representatives of every shape (``select(..., clusters=...)``).
 
+A coupled unit (a residual stream) has several writers, each tapped before its norm:
+the edge energies are kept per writer and reduced by
+:func:`~autoprune.criteria.base.reduce_members` (``same_scale=False``: each writer's
+pre-BN scale is its own, so each is rescaled to the writers' common mean energy before
+averaging); every writer's per-image shape clusters vote, so a channel's group is the
+mode over images and writers.
+
 'same' output size with an even kernel needs one extra column (row) after the map; it
 is *replicate* padding, the border value repeated: ``Dx[h, w] = F[h, w+1] − F[h, w]``
 with ``F[h, W] = F[h, W−1]``, so the last column has ``Dx = 0`` and ``Sx = 2·F``. Zero
@@ -24,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..grouping import kmeans_batched
-from .base import Batch, Criterion
+from .base import Batch, Criterion, members, reduce_members
 
 
 def as_images(maps: torch.Tensor) -> torch.Tensor:
@@ -73,7 +80,8 @@ class HPSE(Criterion):
 
     Params: ``k`` clusters per image (default max(1, width // 16), capped at the width),
     ``iters`` k-means iterations (default 20), ``seed`` (default 0).
-    State per unit: ``edge`` [C] summed edge energy, ``n`` image count, ``votes`` [C, k].
+    State per unit: ``edge`` [W, C] summed edge energy per writer, ``n`` image count,
+    ``votes`` [C, k] (every writer's votes).
     """
 
     name = "hpse"
@@ -87,19 +95,20 @@ class HPSE(Criterion):
         return min(k, width)
 
     def init(self, unit, space):
-        return {"edge": torch.zeros(unit.width, dtype=torch.double),
+        return {"edge": torch.zeros(len(members(unit, "pre")), unit.width, dtype=torch.double),
                 "n": torch.zeros((), dtype=torch.double),
                 "votes": torch.zeros(unit.width, self._k(unit.width), dtype=torch.double)}
 
     def update(self, unit, state, batch: Batch):
-        maps = batch.maps[("pre", unit.name)]
-        edge, shape = edge_shape_maps(maps)
-        state["edge"] += edge.sum((2, 3)).sum(0).double().cpu()
-        state["n"] += maps.shape[0]
+        found = batch.every_member_map("pre", unit, self.name)
         k = state["votes"].shape[1]
-        labels = shape_labels(shape, k, seed=int(self.params.get("seed", 0)),
-                              iters=int(self.params.get("iters", 20)))
-        state["votes"] += F.one_hot(labels, k).sum(0).double().cpu()
+        for j, maps in enumerate(found):
+            edge, shape = edge_shape_maps(maps)
+            state["edge"][j] += edge.sum((2, 3)).sum(0).double().cpu()
+            labels = shape_labels(shape, k, seed=int(self.params.get("seed", 0)),
+                                  iters=int(self.params.get("iters", 20)))
+            state["votes"] += F.one_hot(labels, k).sum(0).double().cpu()
+        state["n"] += found[0].shape[0]
 
     def score(self, space, stats):
         out = {}
@@ -107,5 +116,6 @@ class HPSE(Criterion):
             state = stats.of(self.name)[unit.name]
             if float(state["n"]) == 0:
                 raise ValueError(f"hpse: no calibration images were seen for unit {unit.name}")
-            out[unit.name] = (state["edge"] / state["n"]).float()
+            out[unit.name] = reduce_members(state["edge"] / state["n"], same_scale=False).float()
         return out
+

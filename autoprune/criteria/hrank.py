@@ -4,7 +4,11 @@ A channel whose H×W maps have high rank carries more information. The maps are 
 at the ``post`` tap, i.e. the unit's channels as the next layer reads them (after the
 activation, and after any pooling that sits between the unit and its consumer).
 The streaming summary is a per-channel sum of ranks and an image count, so memory
-does not grow with the number of calibration images.
+does not grow with the number of calibration images. A unit read by several layers (a
+residual stream, read by every block: the first block reads it before the later blocks
+add to it) keeps one summary per reader, and its score is the mean of the readers'
+average ranks (:func:`~autoprune.criteria.base.reduce_members`, ``same_scale``: ranks
+count the same thing wherever they are read).
 
 Maps that are not 2-D per channel are handled as follows: a linear layer's output
 ``[N, C]`` is a 1×1 map (rank 1 if non-zero, else 0); channels spread over ``S``
@@ -19,7 +23,7 @@ import math
 
 import torch
 
-from .base import Batch, Criterion
+from .base import Batch, Criterion, members, per_image_means, reduce_members
 
 
 def map_ranks(maps: torch.Tensor, rtol: float | None = None) -> torch.Tensor:
@@ -47,32 +51,31 @@ def map_ranks(maps: torch.Tensor, rtol: float | None = None) -> torch.Tensor:
 
 
 def mean_ranks(stats, criterion: str = "hrank") -> dict[str, torch.Tensor]:
-    """Per unit, the average rank per channel from ``criterion``'s summaries in ``stats``."""
+    """Per unit, the average rank per channel from ``criterion``'s summaries in ``stats``
+    (the mean over the unit's readers that saw images)."""
     out = {}
     for unit, state in stats.of(criterion).items():
-        count = float(state["count"])
-        if count <= 0:
-            raise ValueError(f"{criterion}: no calibration image reached unit {unit}")
-        out[unit] = (state["rank_sum"] / count).float()
+        ranks = per_image_means(state["rank_sum"], state["count"], f"{criterion}: unit {unit}")
+        out[unit] = reduce_members(ranks, same_scale=True).float()
     return out
 
 
 class RankState:
-    """Mixin with HRank's streaming summary (rank sum [C], image count); tap ``post``."""
+    """Mixin with HRank's streaming summary per reader (rank sum [R, C], image count [R]);
+    tap ``post``."""
 
     tap = "post"
 
     def init(self, unit, space):
-        return {"rank_sum": torch.zeros(unit.width, dtype=torch.double),
-                "count": torch.zeros((), dtype=torch.double)}
+        readers = len(members(unit, "post"))
+        return {"rank_sum": torch.zeros(readers, unit.width, dtype=torch.double),
+                "count": torch.zeros(readers, dtype=torch.double)}
 
     def update(self, unit, state, batch: Batch) -> None:
-        maps = batch.maps.get(("post", unit.name))
-        if maps is None:
-            return
-        ranks = map_ranks(maps, self.params.get("rtol"))
-        state["rank_sum"] += ranks.sum(0).double().cpu()
-        state["count"] += ranks.shape[0]
+        for j, maps in batch.member_maps("post", unit):
+            ranks = map_ranks(maps, self.params.get("rtol"))
+            state["rank_sum"][j] += ranks.sum(0).double().cpu()
+            state["count"][j] += ranks.shape[0]
 
 
 class HRank(RankState, Criterion):

@@ -1,7 +1,12 @@
 """Filter magnitude (Li et al., 2017): the L1 or L2 norm of each channel's filters.
 
 A unit's channel is produced by several layers when residual adds or depthwise
-convs couple them; its magnitude is taken over all of their filters together.
+convs couple them; its magnitude is taken over all of their filters together: the
+p-norm of the channel's filters of every writer concatenated, which is the group
+reduction (no writer is left out; weights need no per-writer normalisation to be
+summed, as Torch-Pruning's group magnitude sums them too). The layers that read the
+channel are not part of Li et al.'s filter magnitude; their input slices are WSP's
+feed-backward saliency (:mod:`autoprune.criteria.wsp`).
 """
 
 from __future__ import annotations

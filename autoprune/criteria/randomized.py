@@ -1,4 +1,8 @@
-"""Random scores: the control every criterion should beat. Seeded per unit name."""
+"""Random scores: the control every criterion should beat. Seeded per unit name.
+
+One score per channel of the unit, read from no layer, so a coupled unit has nothing
+to reduce over its members.
+"""
 
 from __future__ import annotations
 

@@ -11,7 +11,10 @@ produced) and a feed-backward saliency ``b_k`` (how strongly the next layer uses
 - ``data`` variant: ``f_k`` = mean |activation| and ``b_k`` = mean |gradient| of
   channel k at the ``post`` tap, averaged over images and positions (gradient of each
   image's own cross-entropy). Because it needs a gradient pass it is its own
-  registered criterion, ``wsp_data``; calibrate with it.
+  registered criterion, ``wsp_data``; calibrate with it. A unit read by several layers
+  (a residual stream) keeps one summary per reader and takes the mean over readers of
+  ``f`` and of ``b`` (:func:`~autoprune.criteria.base.reduce_members`, ``same_scale``:
+  every reader reads the same stream, and every gradient is of the same loss).
 
 A channel is *weak* iff ``f_k < P_p(f)`` and ``b_k < P_p(b)`` (p-th percentiles within
 its unit); :mod:`autoprune.wsp` removes all weak channels in one shot. As a score for
@@ -24,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .base import Batch, Criterion
+from .base import Batch, Criterion, members, per_image_means, reduce_members
 
 VARIANTS = ("weight", "data")
 
@@ -67,10 +70,9 @@ def data_saliency(stats) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per unit, ``(f, b)`` = mean |activation| and mean |gradient| from ``wsp_data`` summaries."""
     out = {}
     for unit, state in stats.of(WSPData.name).items():
-        count = float(state["count"])
-        if count <= 0:
-            raise ValueError(f"wsp_data: no calibration image reached unit {unit}")
-        out[unit] = (state["act"] / count, state["grad"] / count)
+        what = f"wsp_data: unit {unit}"
+        out[unit] = tuple(reduce_members(per_image_means(state[key], state["count"], what), same_scale=True)
+                          for key in ("act", "grad"))
     return out
 
 
@@ -129,21 +131,20 @@ class WSPData(Criterion):
     needs_grad = True
 
     def init(self, unit, space):
-        return {"act": torch.zeros(unit.width, dtype=torch.double),
-                "grad": torch.zeros(unit.width, dtype=torch.double),
-                "count": torch.zeros((), dtype=torch.double)}
+        readers = len(members(unit, "post"))
+        return {"act": torch.zeros(readers, unit.width, dtype=torch.double),
+                "grad": torch.zeros(readers, unit.width, dtype=torch.double),
+                "count": torch.zeros(readers, dtype=torch.double)}
 
     def update(self, unit, state, batch: Batch) -> None:
-        key = ("post", unit.name)
-        a = batch.maps.get(key)
-        if a is None:
-            return
-        n = a.shape[0]
-        state["act"] += a.double().abs().reshape(n, unit.width, -1).mean(2).sum(0).cpu()
-        g = batch.grads.get(key)
-        if g is not None:  # batch-mean loss: times n gives each image's own gradient
-            state["grad"] += (g.double().abs() * n).reshape(n, unit.width, -1).mean(2).sum(0).cpu()
-        state["count"] += n
+        grads = batch.member_grads("post", unit)
+        for j, a in batch.member_maps("post", unit):
+            n = a.shape[0]
+            state["act"][j] += a.double().abs().reshape(n, unit.width, -1).mean(2).sum(0).cpu()
+            g = grads.get(j)
+            if g is not None:  # batch-mean loss: times n gives each image's own gradient
+                state["grad"][j] += (g.double().abs() * n).reshape(n, unit.width, -1).mean(2).sum(0).cpu()
+            state["count"][j] += n
 
     def score(self, space, stats):
         return {u: min_rank_score(f, b) for u, (f, b) in data_saliency(stats).items()}

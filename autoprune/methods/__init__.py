@@ -42,7 +42,7 @@ def get(name: str) -> WidthMethod:
     return _REGISTRY[name]()
 
 
-BUILTIN = ("uniform", "greedy", "wsp", "tp_global", "search")
+BUILTIN = ("uniform", "greedy", "wsp", "tp_global", "search", "search_arms", "selfgroup", "fastnas")
 """The modules of this package holding the built-in methods, registered in this order."""
 
 

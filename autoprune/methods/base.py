@@ -22,12 +22,20 @@ class WidthResult:
     """Kept channels per unit; the method's trajectory and notes; its own Plan if it chose
     the channels too (then ``info["criterion"]`` may name what it ranked them by).
     ``info[<method name>]`` (e.g. the greedy's mode and rule) goes into the report under
-    that name."""
+    that name. ``model``: the weights the Plan is to be applied to when the method trained
+    its own copy of the context's model (greedy with ``greedy_finetune_every``); None: the
+    caller's model."""
 
     widths: dict[str, int]
     trajectory: list[dict] = field(default_factory=list)
     info: dict = field(default_factory=dict)
     plan: Plan | None = None
+    model: Any = None
+
+
+NO_EVALUATIONS = {"compute": {"proxy_evaluations": 0}}
+"""``WidthResult.info`` of a method that scores no candidate structure (uniform, wsp, tp_global):
+compute accounting records 0 proxy evaluations, not "unknown"."""
 
 
 @dataclass
@@ -39,7 +47,10 @@ class Context:
     :func:`autoprune.prune` names (``greedy_mode``, ``greedy_step``, ``greedy_bn_batches``,
     ``greedy_recalibrate``, ``wsp_variant``); absent keys take the method's defaults.
     ``clusters`` (unit → channel labels, or None) are the labels the pipeline will select
-    the Plan's channels with; a method that evaluates channel sets (greedy) must use them."""
+    the Plan's channels with; a method that evaluates channel sets (greedy) must use them.
+    ``criterion`` (name → weight, or None) is what ``scores`` were made with and
+    ``calibration`` the (re-iterable) batches ``stats`` were calibrated on: the greedy
+    re-scores by that criterion on those images."""
 
     model: Any
     data: Any
@@ -52,6 +63,8 @@ class Context:
     progress: bool = True
     options: dict = field(default_factory=dict)
     clusters: Mapping | None = None
+    criterion: Mapping | None = None
+    calibration: Any = None
 
 
 class WidthMethod:
@@ -66,6 +79,13 @@ class WidthMethod:
     needs_calibration: ClassVar[bool] = True
     default_criterion: ClassVar[str] = "di"
     """The criterion (scores, channel selection) when the caller names none."""
+
+    @classmethod
+    def available(cls) -> str | None:
+        """None if the method can run in this environment, else a one-line reason saying what
+        to install (a peer behind an optional extra: ``fastnas``). Cheap: imports nothing heavy.
+        ``compare`` skips an unavailable method with that line; its :meth:`check` refuses it."""
+        return None
 
     def check(self, options: Mapping[str, Any]) -> None:
         """AutopruneError naming the option, its value and the choices, before any work."""

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from ..tp_baseline import tp_global_plan
-from .base import Context, WidthMethod, WidthResult
+from .base import Context, NO_EVALUATIONS, WidthMethod, WidthResult
 
 
 class TPGlobal(WidthMethod):
@@ -15,4 +15,4 @@ class TPGlobal(WidthMethod):
     def widths(self, space, budget, context: Context) -> WidthResult:
         plan = tp_global_plan(space, budget)
         return WidthResult(space.complete(plan.kept_widths()), plan=plan,
-                           info={"criterion": {"tp_magnitude": 1.0}, **plan.meta})
+                           info={**NO_EVALUATIONS, "criterion": {"tp_magnitude": 1.0}, **plan.meta})

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import Context, WidthMethod, WidthResult
+from .base import Context, NO_EVALUATIONS, WidthMethod, WidthResult
 
 
 class Uniform(WidthMethod):
@@ -10,4 +10,4 @@ class Uniform(WidthMethod):
     help = "the same share of every unit, scaled to the budget"
 
     def widths(self, space, budget, context: Context) -> WidthResult:
-        return WidthResult(space.fit({u.name: 0.5 for u in space.units}, budget))
+        return WidthResult(space.fit({u.name: 0.5 for u in space.units}, budget), info=NO_EVALUATIONS)

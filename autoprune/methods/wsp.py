@@ -18,7 +18,7 @@ from typing import Any, Mapping
 from ..criteria.wsp import VARIANTS
 from ..errors import OptionError, short
 from ..wsp import wsp_plan
-from .base import Context, WidthMethod, WidthResult
+from .base import Context, NO_EVALUATIONS, WidthMethod, WidthResult
 
 CRITERION = {"weight": "wsp", "data": "wsp_data"}
 """The criterion whose saliencies each variant reads (recorded as the run's criterion)."""
@@ -46,5 +46,5 @@ class WSP(WidthMethod):
                               "calibration stats of criterion wsp_data (autoprune.prune calibrates them)")
         plan = wsp_plan(space, context.stats, budget=budget, variant=variant)
         return WidthResult(space.complete(plan.kept_widths()), plan=plan,
-                           info={"criterion": {CRITERION[variant]: 1.0},
+                           info={**NO_EVALUATIONS, "criterion": {CRITERION[variant]: 1.0},
                                  "wsp": {"variant": variant, "p": plan.meta["p"]}})

@@ -25,11 +25,13 @@ import torch
 from torch import nn
 
 from .. import evaluate, grouping
-from ..budget import KINDS, TOLERANCE, Budget
+from ..budget import KINDS, Budget
 from ..data import DataBundle
 from ..errors import AutopruneError, short
 from ..methods import Context, get as get_method
-from ..pipeline import Result, calibration_specs, criterion_scores, finish, write_outputs
+from ..methods.search import Search
+from ..pipeline import (Result, calibration_batches, calibration_specs, compute_record, criterion_scores, finish,
+                        run_settings, write_outputs)
 from ..space import Space
 from .ray_tune import (check_reachable, error_line, gpus_available, ray_session, resources, result_rows,
                        sigint_watch, trainable, trial_dirname, tune_state_problem)
@@ -38,8 +40,8 @@ from .space import SearchSpace, load
 from .trial import Shared, build_structure
 from .trials import importances, trial_fields
 
-__all__ = ["DEFAULT_SPACE", "SETTINGS_FILE", "SPACE_FILE", "TRIALS_FILE", "TUNE_DIR", "driver_state",
-           "read_settings", "search"]
+__all__ = ["DEFAULT_SPACE", "SETTINGS_FILE", "SPACE_FILE", "TRIALS_FILE", "TUNE_DIR", "arm_space", "driver_state",
+           "read_settings", "search", "search_settings", "space_digest"]
 
 DEFAULT_SPACE = "resnet_cifar"
 TUNE_DIR = "tune"              # the Tune experiment, under --out
@@ -54,7 +56,8 @@ def search(model: nn.Module, data: DataBundle, budget: "str | Budget" = "flops<=
            finetune_epochs: int = 5, lr: float = 0.01, distill: bool = False, seed: int = 0,
            calib_images: int = 512, bn_batches: int = 50, cpus_per_trial: float = 1,
            max_failures: int = 2, progress: bool = True, device=None,
-           inputs: Mapping | None = None):
+           inputs: Mapping | None = None, sampler: str | None = None, seed_trials: bool = True,
+           criterion: str | None = None, method: str = "search"):
     """Search ``trials`` structures meeting ``budget`` and fine-tune the best (see :mod:`autoprune.search`).
 
     ``space``: a packaged search-space name, a YAML path or a :class:`SearchSpace`.
@@ -72,8 +75,19 @@ def search(model: nn.Module, data: DataBundle, budget: "str | Budget" = "flops<=
     ``inputs`` are recorded in ``search.json`` (the CLI stores how to rebuild model and
     data for ``--resume``). Returns :class:`autoprune.pipeline.Result`; ``result.report``
     is report.json.
+
+    The comparison's arms (:mod:`autoprune.methods.search_arms`) are this search with one part
+    changed (:func:`arm_space`): ``sampler`` (a name in :data:`~.samplers.SAMPLERS`) replaces the
+    space's sampler (its arguments dropped), ``seed_trials=False`` enqueues no uniform/greedy
+    seed trials, ``criterion`` ranks every channel by that one criterion with no mix, clusters
+    or self-grouping (widths only). ``method`` is the registered name the report and plan
+    carry (``search``, ``random``, ``search_widths``). All four are recorded, so a resume keeps them.
     """
     start = time.time()
+    if not isinstance(get_method(method), Search):  # a registered name, checked before any work
+        raise AutopruneError(f"method {method!r} is a width method, not a search run; use autoprune.prune")
+    if not isinstance(seed_trials, bool):
+        raise AutopruneError(f"seed_trials must be True or False, got {short(seed_trials)}")
     if resume and out is None:
         raise AutopruneError("resume=True needs out= (the folder of the search to continue)")
     budget = None if resume else Budget.parse(budget)  # on resume, the recorded budget applies
@@ -82,7 +96,7 @@ def search(model: nn.Module, data: DataBundle, budget: "str | Budget" = "flops<=
     temp = tempfile.mkdtemp(prefix="autoprune-search-") if out is None else None
     try:
         run = _settings(Path(out if out is not None else temp).resolve(), resume, space, budget,
-                        trials, workers, seed)
+                        trials, workers, seed, (sampler, seed_trials, criterion, method))
         return _search(run, model, data, address, finetune_epochs, lr, distill, calib_images,
                        bn_batches, cpus_per_trial, max_failures, progress, device, inputs, start)
     except KeyboardInterrupt as exc:
@@ -110,6 +124,8 @@ class _Run:
     workers: int
     seed: int
     seeds: dict | None = None  # the enqueued params; recorded on the first run
+    seed_trials: bool = True  # enqueue the uniform and greedy seeds (not for the random arm)
+    method: str = "search"  # the registered name the report carries (search or a search arm)
 
     @property
     def experiment(self) -> Path:
@@ -117,7 +133,7 @@ class _Run:
 
 
 def _settings(out: Path, resume: bool, space, budget: Budget | None, trials: int, workers: int,
-              seed: int) -> _Run:
+              seed: int, arm: tuple = (None, True, None, "search")) -> _Run:
     from ray import tune
 
     if resume:
@@ -128,15 +144,58 @@ def _settings(out: Path, resume: bool, space, budget: Budget | None, trials: int
         spec = load(out / SPACE_FILE)
         spec.name = saved.get("space") or spec.name
         run = _Run(out, True, spec, saved["budget"], saved["trials"], saved["workers"], saved["seed"],
-                   saved["seeds"])
+                   saved["seeds"], method=saved.get("method") or "search")
     else:
         if (out / TUNE_DIR).exists() and any((out / TUNE_DIR).iterdir()):
             raise AutopruneError(f"{out} already holds a search; continue it with --resume {out} "
                                  "(resume=True) or choose another --out")
-        spec = space if isinstance(space, SearchSpace) else load(space)
-        run = _Run(out, False, spec, budget, int(trials), int(workers), int(seed))
+        sampler, seed_trials, criterion, method = arm
+        spec = arm_space(space if isinstance(space, SearchSpace) else load(space), sampler, criterion)
+        run = _Run(out, False, spec, budget, int(trials), int(workers), int(seed), seed_trials=seed_trials,
+                   method=method)
     _check_inputs(run.trials, run.workers, run.spec)
     return run
+
+
+def arm_space(spec: SearchSpace, sampler: str | None = None, criterion: str | None = None) -> SearchSpace:
+    """``spec`` with one part changed for a comparison arm, validated again as a space of its own
+    (SearchSpaceError naming the override): ``sampler`` replaces the sampler (default
+    arguments); ``criterion`` ranks every channel by that one criterion, without a mix,
+    clusters or self-grouping. ``spec`` itself when neither is given."""
+    if sampler is None and criterion is None:
+        return spec
+    data = {k: v for k, v in spec.as_dict().items() if k not in ("name", "path") and v is not None}
+    changed = []
+    if sampler is not None:
+        data["sampler"] = {"name": sampler}
+        changed.append(f"sampler {sampler}")
+    if criterion is not None:
+        data["criteria"] = [criterion]
+        data.pop("clusters", None)
+        data.pop("selfgroup", None)
+        changed.append(f"criterion {criterion} only")
+    return SearchSpace.from_dict(data, name=spec.name, path=spec.path,
+                                 label=f"{spec.label} ({', '.join(changed)})")
+
+
+def space_digest(spec: SearchSpace) -> str:
+    """SHA-256 of the space's canonical form (its validated settings as sorted JSON; the name,
+    path and description left out): equal for the same space however it was written or loaded."""
+    import hashlib
+
+    canonical = {k: v for k, v in spec.as_dict().items() if k not in ("name", "path", "description")}
+    return hashlib.sha256(json.dumps(canonical, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def search_settings(model: nn.Module, data: DataBundle, budget: Budget, spec: SearchSpace, method: str,
+                    seed: int, *, trials: int, workers: int, finetune_epochs: int, lr: float, distill: bool,
+                    calib_images: int, bn_batches: int) -> dict:
+    """report["settings"] of a search (:func:`autoprune.pipeline.run_settings`): ``spec`` (the
+    arm's space, :func:`arm_space`) as its digest, and the options a search's result depends on."""
+    return run_settings(model, data, budget, method, seed, {
+        "space": space_digest(spec), "trials": int(trials), "workers": int(workers),
+        "finetune_epochs": finetune_epochs, "lr": lr, "distill": distill, "calib_images": calib_images,
+        "bn_batches": bn_batches})
 
 
 def _check_inputs(trials: int, workers: int, spec: SearchSpace) -> None:
@@ -204,7 +263,7 @@ def read_settings(out: "str | os.PathLike") -> dict:
             raise AutopruneError(f"{path}: '{key}' is missing (it must be {allowed}); {fix}")
         if not ok(saved[key]):
             raise AutopruneError(f"{path}: '{key}' must be {allowed}, got {short(saved[key])}; {fix}")
-    for key, kind in (("space", str), ("inputs", dict)):
+    for key, kind in (("space", str), ("inputs", dict), ("method", str)):
         if saved.get(key) is not None and not isinstance(saved[key], kind):
             raise AutopruneError(f"{path}: '{key}' must be a {'string' if kind is str else 'mapping'}, "
                                  f"got {short(saved[key])}; {fix}")
@@ -225,7 +284,7 @@ def _record(run: _Run, inputs: Mapping | None) -> None:
     atomic_write_text(run.out / SETTINGS_FILE, json.dumps(
         {"format": "autoprune-search/1", "budget": budget, "space": run.spec.name,
          "trials": run.trials, "workers": run.workers, "seed": run.seed, "seeds": run.seeds,
-         "inputs": dict(inputs or {})}, indent=1, default=str))
+         "inputs": dict(inputs or {}), "method": run.method}, indent=1, default=str))
 
 
 # --------------------------------------------------------------------------- driver state
@@ -253,7 +312,6 @@ def driver_state(model: nn.Module, data: DataBundle, spec: SearchSpace, budget: 
     """Space, per-criterion scores and per-k cluster labels, computed once."""
     from ..calibrate import calibrate
     from ..criteria.base import Stats
-    from ..data import loader
 
     space = Space(model, torch.zeros(1, *data.input_shape, device=device))
     budget.target(space)
@@ -261,9 +319,12 @@ def driver_state(model: nn.Module, data: DataBundle, spec: SearchSpace, budget: 
     c = spec.clusters
     specs = calibration_specs(spec.criteria, c.method if c else None, int(c.k[0]) if c and c.k else None,
                               data.num_classes)
-    stats = (calibrate(space, model, loader(data.train, batch_size=64, shuffle=True, seed=seed), specs,
-                       n_images=calib_images, device=device, progress=progress) if specs else Stats())
-    scores = _cpu(criterion_scores(space, stats, spec.criteria, data.num_classes))
+    batches = calibration_batches(data, seed, calib_images)
+    stats = (calibrate(space, model, batches, specs, n_images=calib_images, device=device,
+                       progress=progress) if specs else Stats())
+    # criteria that require more (fpar's attention) compute it on the same images
+    scores = _cpu(criterion_scores(space, stats, spec.criteria, data.num_classes, model=model,
+                                   batches=batches, seed=seed, device=device))
     labels = None
     if c is not None:
         labels = {k: grouping.cluster(c.method, space, stats, k, seed=seed)
@@ -295,9 +356,12 @@ def _search(run: _Run, model, data, address, finetune_epochs, lr, distill, calib
     torch.manual_seed(seed)
     device = torch.device(device) if device else evaluate.default_device()
     model = model.to(device).eval()
+    settings = search_settings(model, data, budget, spec, run.method, seed, trials=run.trials,  # the baseline
+                               workers=run.workers, finetune_epochs=finetune_epochs, lr=lr,  # as given
+                               distill=distill, calib_images=calib_images, bn_batches=bn_batches)
     space, scores, labels = driver_state(model, data, spec, budget, seed, calib_images, progress, device)
     if not run.resume:
-        run.seeds = _seed_points(space, spec, budget, scores, seed, progress)
+        run.seeds = _seed_points(space, spec, budget, scores, seed, progress) if run.seed_trials else {}
         _record(run, inputs)
     cpu_model = copy.deepcopy(model).cpu().eval()
     shared = Shared(cpu_model, _shippable_space(space, cpu_model), spec, budget, scores, labels,
@@ -334,18 +398,14 @@ def _search(run: _Run, model, data, address, finetune_epochs, lr, distill, calib
     cand = spec.candidate(best["config"], space)
     plan, small, widths, _, _ = build_structure(
         Shared(model, space, spec, budget, scores, labels, data, seed), cand)
-    plan.meta = {"method": "search", "criterion": cand.mix, "budget": str(budget), "seed": seed,
+    plan.meta = {"method": run.method, "criterion": cand.mix, "budget": str(budget), "seed": seed,
                  "trial": best["number"]}
+    method_s = time.time() - start  # the search's own cost: everything before the final fine-tune
     report = finish(model, small, data, space, budget, widths, seed, finetune_epochs, lr, distill,
-                    bn_batches, progress, device)
-    if plan.selfgroup:  # the budget's realized cost is the self-grouped model's, not the widths'
-        b = report["budget"]
-        b["realized_channels"], b["realized"] = b["realized"], report["pruned"][b["kind"]]
-        b["realized_ratio"] = b["realized"] / b["base"]
-        b["within_tolerance"] = b["target"] * (1 - TOLERANCE) <= b["realized"] <= b["target"]
+                    bn_batches, progress, device, selfgroup=bool(plan.selfgroup))
     imp, why = importances(rows, spec, space, seed)
     report.update(
-        method="search", criterion=cand.mix, clusters=cand.cluster_method, seed=seed,
+        method=run.method, criterion=cand.mix, clusters=cand.cluster_method, seed=seed,
         candidate=cand.as_dict(), selfgroup=bool(plan.selfgroup), trajectory=[],
         trials=rows, best_trial=best, seeds=fields["seeds"], importances=imp,
         search={"space": spec.as_dict(), "objective": spec.objective, "metrics": names, "modes": modes,
@@ -354,6 +414,8 @@ def _search(run: _Run, model, data, address, finetune_epochs, lr, distill, calib
                 "states": fields["states"], "nodes": fields["nodes"], "resumed": run.resume,
                 "tune_started_at": t_fit, "tune_s": round(fit_s, 2), "driver_cpu_s": round(fit_cpu, 2),
                 "importances_note": why, "experiment": str(run.experiment)},
+        compute=compute_record(sum(r["proxy_score"] is not None for r in rows), method_s, report["finetune"]),
+        settings=settings,
         elapsed_s=round(time.time() - start, 2))
     from ..report import plot_history, plot_importances, plot_pareto
     extra = {TRIALS_FILE: lambda path: write_json(path, rows),

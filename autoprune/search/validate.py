@@ -30,8 +30,10 @@ ASHA_DEFAULTS = {"grace_period": 1, "reduction_factor": 4}
 BUDGET_SCALE_DEFAULT = (0.5, 1.0)
 TOP_KEYS = ("description", "ratios", "max_ratio", "clusters", "criteria", "selfgroup", "proxy",
             "sampler", "objective", "budget_scale", "asha")
-NOT_IN_SEARCH = {"fpar": "it needs an attention input (criteria.fpar.attention) that the search "
-                          "does not compute yet"}
+NOT_IN_SEARCH: dict[str, str] = {}
+"""Criteria a search space may not name, with the reason. None now: the driver computes what a
+criterion requires besides calibration summaries (fpar's attention) with its
+``Criterion.inputs`` (:func:`autoprune.search.runner.driver_state`)."""
 MAX_RULES = 256            # ratio rules
 MAX_CHOICES = 64           # k choices (clusters, selfgroup)
 MAX_K = 4096               # a cluster / group count (clamped to the unit's width anyway)

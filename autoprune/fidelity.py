@@ -1,0 +1,286 @@
+"""Proxy fidelity: how well the search's cheap proxy ranks structures the way the full fine-tune does.
+
+``n`` structures are drawn at random from a search space (Optuna's RandomSampler, seeded),
+fitted to every budget and scored by each proxy — adaptive BN alone, then adaptive BN plus
+each proxy fine-tuning length the space offers — and by test accuracy after the runs' own
+recipe (adaptive BN, then the full fine-tune). Per budget and proxy: Kendall τ-b between
+proxy score and final accuracy (:func:`scipy.stats.kendalltau`), a percentile bootstrap
+interval over structures (:func:`bootstrap_tau`), and the number of tied proxy pairs.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+from scipy.stats import kendalltau
+from torch import nn
+
+from . import evaluate
+from .budget import Budget
+from .data import DataBundle
+from .errors import OptionError, short
+from .search.space import SearchSpace
+from .search.validate import Section
+
+__all__ = ["DEFAULT_N", "MAX_N", "MAX_RESAMPLES", "bootstrap_tau", "check_options", "kendall_tau", "markdown",
+           "proxies", "proxy_fidelity", "tau_rows", "tied_pairs", "write_fidelity"]
+
+DEFAULT_N = 24
+"""Structures per budget (the τ of 12 structures with 5 tied proxy scores said little)."""
+MAX_N = 10_000
+MAX_RESAMPLES = 1_000_000
+BN_ONLY = "adaptive_bn"
+"""The name of the proxy without fine-tuning (adaptive BN, then validation accuracy)."""
+
+
+# --------------------------------------------------------------------------- statistics (pure)
+
+
+def kendall_tau(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Kendall τ-b of ``x`` and ``y`` (scipy); None where it is undefined (a constant side)."""
+    tau = float(kendalltau(np.asarray(x, float), np.asarray(y, float), variant="b").statistic)
+    return None if math.isnan(tau) else tau
+
+
+def tied_pairs(values: Sequence[float]) -> int:
+    """Pairs ``i < j`` with ``values[i] == values[j]`` (exact equality)."""
+    _, counts = np.unique(np.asarray(values, float), return_counts=True)
+    return int(sum(c * (c - 1) // 2 for c in counts.tolist()))
+
+
+def _taus(x: np.ndarray, y: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """τ-b of every resample (a row of ``index``): Σ sign(Δx)·sign(Δy) over pairs divided by
+    √(pairs untied in x · pairs untied in y), the definition scipy computes; NaN where undefined."""
+    out = np.empty(len(index))
+    chunk = max(1, 4_000_000 // max(1, index.shape[1] ** 2))  # bounded memory for large n
+    for start in range(0, len(index), chunk):
+        xs, ys = x[index[start:start + chunk]], y[index[start:start + chunk]]
+        sx = np.sign(xs[:, :, None] - xs[:, None, :])
+        sy = np.sign(ys[:, :, None] - ys[:, None, :])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[start:start + chunk] = (sx * sy).sum((1, 2)) / np.sqrt((sx * sx).sum((1, 2)) * (sy * sy).sum((1, 2)))
+    return out
+
+
+def bootstrap_tau(x: Sequence[float], y: Sequence[float], resamples: int = 2000, seed: int = 0,
+                  confidence: float = 0.95) -> dict:
+    """Percentile bootstrap interval of Kendall τ-b, resampling pairs (structures) with replacement.
+
+    The resamples are the rows of ``np.random.default_rng(seed).integers(0, n, (resamples, n))``;
+    the interval is the ``(1 ± confidence)/2`` percentiles (numpy's default, linear) of the τ of
+    the resamples where τ is defined. Returns ``low``, ``high`` (None if no resample has a
+    defined τ) and ``undefined``: resamples with a constant side, left out.
+    (This could move to :mod:`autoprune.stats` beside the other intervals.)
+    """
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    index = np.random.default_rng(seed).integers(0, len(x), size=(resamples, len(x)))
+    taus = _taus(x, y, index)
+    defined = taus[~np.isnan(taus)]
+    if not len(defined):
+        return {"low": None, "high": None, "undefined": int(resamples)}
+    alpha = 100 * (1 - confidence) / 2
+    low, high = np.percentile(defined, [alpha, 100 - alpha])
+    return {"low": float(low), "high": float(high), "undefined": int(resamples - len(defined))}
+
+
+def tau_rows(candidates: Mapping[str, Sequence[Mapping]], names: Sequence[str], resamples: int = 2000,
+             seed: int = 0, confidence: float = 0.95) -> list[dict]:
+    """One row per budget and proxy name: τ-b between the proxy's scores (``row["proxy"][name]``)
+    and ``row["final"]`` over the budget's candidate rows, its bootstrap interval, ``n``, the
+    tied proxy pairs (``ties``) and tied final accuracies (``ties_final``)."""
+    rows = []
+    for budget, cands in candidates.items():
+        final = [c["final"] for c in cands]
+        for name in names:
+            proxy = [c["proxy"][name] for c in cands]
+            interval = bootstrap_tau(proxy, final, resamples, seed, confidence)
+            rows.append({"budget": budget, "proxy": name, "tau": kendall_tau(proxy, final),
+                         "ci_low": interval["low"], "ci_high": interval["high"],
+                         "bootstrap_undefined": interval["undefined"], "n": len(cands),
+                         "ties": tied_pairs(proxy), "ties_final": tied_pairs(final)})
+    return rows
+
+
+def markdown(result: Mapping) -> str:
+    """The τ rows as a markdown table: budget, proxy, τ, the interval, n, tied proxy pairs."""
+    level = f"{100 * result['confidence']:g}% CI"
+    num = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+    lines = [f"| budget | proxy | Kendall τ | {level} | n | ties |", "| --- | --- | --- | --- | --- | --- |"]
+    for r in result["tau"]:
+        lines.append(f"| {r['budget']} | {r['proxy']} | {num(r['tau'])} | [{num(r['ci_low'])}, "
+                     f"{num(r['ci_high'])}] | {r['n']} | {r['ties']} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_fidelity(out: str | Path, result: Mapping) -> None:
+    """``fidelity.json`` (the whole result) and ``fidelity.md`` (:func:`markdown`) in ``out``, atomically."""
+    from .checkpoint import atomic_write_text, write_json
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "fidelity.json", result)
+    atomic_write_text(out / "fidelity.md", markdown(result))
+
+
+# --------------------------------------------------------------------------- the proxies of a space
+
+
+def proxies(spec: SearchSpace) -> list[dict]:
+    """The proxy fine-tuning lengths ``spec`` offers: ``name``, ``steps`` and ``total``.
+
+    Each ``proxy.finetune_steps`` value (an int, or a list of choices) is one length; with
+    ``asha`` every rung (:func:`autoprune.search.trial.rungs`) is one too, scored as the search
+    scores it: at that step of the ``total``-step run. 0 steps is adaptive BN alone
+    (:data:`BN_ONLY`, always measured), so it is not listed here.
+    """
+    from .search.trial import rungs
+
+    steps = spec.proxy.finetune_steps
+    out = {}
+    for total in sorted({int(s) for s in (steps if isinstance(steps, (list, tuple)) else [steps])}):
+        for step in (rungs(spec.asha, total) if spec.asha else [total]):
+            if step > 0:
+                name = f"finetune_{step}" if step == total else f"finetune_{step}_of_{total}"
+                out[name] = {"name": name, "steps": step, "total": total}
+    return list(out.values())
+
+
+# --------------------------------------------------------------------------- options
+
+
+def _integer(value: object, name: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise OptionError(f"{name} must be an integer from {low} to {high:,}, got {short(value)}")
+    return value
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_options(n: int = DEFAULT_N, budgets: "Sequence[str | Budget] | None" = None,
+                  space: "str | SearchSpace" = "generic", finetune_epochs: int = 5, seed: int = 0,
+                  calib_images: int = 512, bn_batches: int = 50, lr: float = 0.01,
+                  resamples: int = 2000, confidence: float = 0.95) -> tuple[SearchSpace, list[Budget]]:
+    """The loaded search space and the parsed budgets, after checking every option (OptionError,
+    BudgetError or SearchSpaceError naming the option and what is allowed). Cheap, so the CLI
+    runs it before any training."""
+    from .search import load
+
+    _integer(n, "n (structures per budget)", 3, MAX_N)
+    _integer(finetune_epochs, "finetune_epochs", 0, 1_000_000)
+    _integer(seed, "seed", 0, 2**32 - 1)
+    _integer(calib_images, "calib_images", 1, 10_000_000)
+    _integer(bn_batches, "bn_batches", 0, 1_000_000)
+    _integer(resamples, "resamples (bootstrap)", 1, MAX_RESAMPLES)
+    if not _number(lr) or not 0 < lr <= 100:
+        raise OptionError(f"lr must be a number in (0, 100], got {short(lr)}")
+    if not _number(confidence) or not 0 < confidence < 1:
+        raise OptionError(f"confidence must be a number in (0, 1), e.g. 0.95, got {short(confidence)}")
+    if budgets is None or isinstance(budgets, (str, Budget)) or not len(budgets):
+        raise OptionError(f"budgets must be a non-empty list such as ['flops<=70%', 'flops<=50%'], "
+                          f"got {short(budgets)}")
+    parsed = [Budget.parse(b) for b in budgets]
+    if len({str(b) for b in parsed}) != len(parsed):
+        raise OptionError(f"budgets must be distinct, got {short([str(b) for b in parsed])}")
+    spec = space if isinstance(space, SearchSpace) else load(space)
+    return spec, parsed
+
+
+# --------------------------------------------------------------------------- measurement
+
+
+def proxy_fidelity(model: nn.Module, data: DataBundle, budget: "str | Budget | None" = None, n: int = DEFAULT_N,
+                   space: "str | SearchSpace" = "generic", finetune_epochs: int = 5, seed: int = 0,
+                   calib_images: int = 512, progress: bool = False, *,
+                   budgets: "Sequence[str | Budget] | None" = None, bn_batches: int = 50, lr: float = 0.01,
+                   resamples: int = 2000, confidence: float = 0.95, device=None) -> dict:
+    """Kendall τ between the search's proxy scores and accuracy after the full fine-tune.
+
+    ``budgets`` (or one ``budget``; default ``flops<=50%``): every budget is measured on the
+    same ``n`` structures, drawn once from ``space`` with Optuna's RandomSampler(``seed``) and
+    fitted to each budget as the search fits them. Each structure is scored by every proxy —
+    ``adaptive_bn`` (adaptive BN on ``bn_batches`` training batches, then accuracy on the
+    space's ``proxy.eval_batches`` validation batches) and each length of :func:`proxies`
+    (adaptive BN, then that many SGD steps at ``proxy.lr``) — and by the runs' recipe as
+    :func:`autoprune.prune` applies it: adaptive BN on ``bn_batches`` batches (default 50, as
+    the runs), ``finetune_epochs`` at ``lr``, test accuracy (``final``). So that the proxy sees
+    the same BN statistics as the runs, ``bn_batches`` replaces the space's ``proxy.bn_batches``.
+
+    Returns a JSON-ready dict: the settings, ``proxies`` (names and steps), ``candidates``
+    (budget → one row per structure: ``config``, ``flops``, ``params``, ``proxy`` (name →
+    score), ``accuracy_adaptive_bn``, ``final``) and ``tau`` (:func:`tau_rows`: one row per
+    budget and proxy with τ, its ``confidence`` bootstrap interval over ``resamples``
+    resamples, ``n`` and the tied proxy pairs).
+    """
+    import optuna
+    import torch
+
+    from .search.runner import driver_state
+    from .search.trial import PENALTY, Shared, build_structure, evaluate_candidate
+    from .space import Space
+
+    if budget is not None and budgets is not None:
+        raise OptionError("give budget= or budgets=, not both")
+    budgets = [budget if budget is not None else "flops<=50%"] if budgets is None else budgets
+    spec, budgets = check_options(n, budgets, space, finetune_epochs, seed, calib_images, bn_batches, lr,
+                                  resamples, confidence)
+    device = torch.device(device) if device is not None else evaluate.default_device()
+    model = model.to(device).eval()
+    probe = Space(model, torch.zeros(1, *data.input_shape, device=device))
+    for b in budgets:  # every budget reachable, before calibration
+        b.target(probe)
+    units, scores, labels = driver_state(model, data, spec, budgets[0], seed, calib_images, progress, device)
+    lengths = proxies(spec)
+    proxy = Section({**spec.proxy, "bn_batches": bn_batches})
+
+    def shared_for(b: Budget, steps: int, asha) -> Shared:
+        proxy_spec = replace(spec, proxy=Section({**proxy, "finetune_steps": steps}), asha=asha)
+        return Shared(model, units, proxy_spec, b, scores, labels, data, seed)
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    define, configs = spec.define(units), []
+    for _ in range(n):
+        trial = study.ask()
+        define(trial)
+        configs.append(dict(trial.params))
+
+    candidates: dict[str, list[dict]] = {}
+    for b in budgets:
+        rows = candidates[str(b)] = []
+        for i, config in enumerate(configs):
+            if progress:
+                print(f"fidelity {b}: structure {i + 1}/{n}", file=sys.stderr)
+            shared = shared_for(b, 0, None)
+            _, small, _, flops, nparams = build_structure(shared, spec.candidate(config, units))
+            small.to(device)
+            evaluate.adaptive_bn(small, data.train, n_batches=bn_batches, seed=seed, device=device)
+            after_bn = evaluate.accuracy(small, data.test, device=device)
+            if finetune_epochs:
+                evaluate.finetune(small, data, finetune_epochs, lr=lr, seed=seed, progress=progress,
+                                  device=device)
+            scored = {BN_ONLY: evaluate_candidate(shared, config, device=device)["proxy_score"]}
+            for total in sorted({p["total"] for p in lengths}):
+                at = {p["steps"]: p["name"] for p in lengths if p["total"] == total}
+                got = dict.fromkeys(at.values(), PENALTY)  # a rung after divergence scores the penalty
+
+                def keep(metrics: dict, at=at, got=got) -> None:
+                    if not metrics["diverged"] and metrics["proxy_steps"] in at:
+                        got[at[metrics["proxy_steps"]]] = metrics["proxy_score"]
+                evaluate_candidate(shared_for(b, total, spec.asha), config, report=keep, device=device)
+                scored.update(got)
+            rows.append({"candidate": i, "config": config, "flops": flops, "params": nparams,
+                         "proxy": scored, "accuracy_adaptive_bn": after_bn,
+                         "final": evaluate.accuracy(small.eval(), data.test, device=device)})
+    names = [BN_ONLY, *(p["name"] for p in lengths)]
+    return {"space": spec.name, "n": n, "seed": seed, "budgets": [str(b) for b in budgets],
+            "finetune_epochs": finetune_epochs, "lr": lr, "bn_batches": bn_batches,
+            "calib_images": calib_images, "proxy": dict(proxy), "asha": dict(spec.asha) if spec.asha else None,
+            "proxies": [{"name": BN_ONLY, "steps": 0, "total": 0}, *lengths],
+            "resamples": resamples, "confidence": confidence, "candidates": candidates,
+            "tau": tau_rows(candidates, names, resamples, seed, confidence)}

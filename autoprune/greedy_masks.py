@@ -1,0 +1,109 @@
+"""The greedy's working copy: a structure held with channel masks instead of removed channels.
+
+:func:`channel_masks` zeroes masked channels at the output of each unit's norm layers (its
+root layers when it has none). In eval mode this computes exactly what the physically pruned
+network computes (consumers see zeros, residual adds carry zeros, no other channel changes),
+and in train mode too (BN normalises per channel), so candidates are evaluated, calibrated
+and fine-tuned without ever being materialised. :class:`MaskedEvaluator` owns one copy of
+the model: it scores a masked structure's validation accuracy (after adaptive BN when given
+training batches), re-estimates BN statistics under the committed masks, and fine-tunes the
+copy with the masks held (a masked channel's output is zero, so the loss sends no gradient
+to its filter or norm parameters).
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+from typing import Callable, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from .space import Space
+
+BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
+"""The state-dict entries adaptive BN re-estimates (saved and restored around a candidate)."""
+
+
+@contextmanager
+def channel_masks(model: nn.Module, space: Space, masks: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """Zero the masked channels at the output of each unit's norm layers (roots if none).
+
+    In eval mode this equals physical removal: consumers see zeros, residual adds
+    carry zeros, and no other channel's computation changes.
+    """
+    hooks = []
+    for name, mask in masks.items():
+        unit = space.unit(name)
+        for layer in unit.norms or unit.modules:
+            hooks.append(model.get_submodule(layer).register_forward_hook(
+                lambda m, i, o, k=mask: _apply_mask(o, k)))
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def _apply_mask(out: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mask = mask.to(out.device, out.dtype)
+    if out.dim() > 1 and out.shape[1] == mask.numel():
+        return out * mask.view(1, -1, *([1] * (out.dim() - 2)))
+    return out * mask  # channel-last layers (e.g. LayerNorm over the last dim)
+
+
+class MaskedEvaluator:
+    """Validation accuracy of a masked structure, after adaptive BN if given training batches.
+
+    Works on its own copy of ``model`` (``self.model``, the greedy's working copy), so the
+    caller's model never changes. A call re-estimates BN statistics under the masks with
+    ``bn_fn(model, train_batches)`` (when both are given), scores ``val_batches`` and
+    restores the statistics; ``evaluations`` counts the calls. :meth:`recalibrate` keeps
+    the re-estimated statistics (the greedy's "recalibrate every few steps") and
+    :meth:`finetune` trains the copy with the masks held (``finetuned`` is then True).
+    """
+
+    def __init__(self, model: nn.Module, space: Space, val_batches: list, train_batches: list | None = None,
+                 bn_fn: Callable | None = None) -> None:
+        self.model, self.space = copy.deepcopy(model).eval(), space
+        self.val_batches, self.train_batches, self.bn_fn = val_batches, train_batches, bn_fn
+        self.evaluations = 0
+        self.finetuned = False
+
+    @torch.no_grad()
+    def __call__(self, masks: Mapping[str, torch.Tensor]) -> float:
+        self.evaluations += 1
+        adapts = self.bn_fn is not None and bool(self.train_batches)
+        if adapts:
+            saved = {k: v.clone() for k, v in self.model.state_dict().items() if k.split(".")[-1] in BN_STATS}
+            self.recalibrate(masks)
+        correct = total = 0
+        device = next(self.model.parameters()).device
+        with channel_masks(self.model, self.space, masks):
+            for x, y in self.val_batches:
+                correct += (self.model(x.to(device)).argmax(1).cpu() == y).sum().item()
+                total += len(y)
+        if adapts:
+            self.model.load_state_dict(saved, strict=False)
+        return correct / max(total, 1)
+
+    def recalibrate(self, masks: Mapping[str, torch.Tensor]) -> None:
+        if self.bn_fn is not None and self.train_batches:
+            with channel_masks(self.model, self.space, masks):
+                self.bn_fn(self.model, self.train_batches)
+            self.model.eval()
+
+    def finetune(self, masks: Mapping[str, torch.Tensor], train: Callable[[nn.Module], object]) -> None:
+        """``train(model)`` on the working copy with ``masks`` held, then back to eval mode.
+
+        The masked channels' parameters get no gradient from the loss; weight decay, if
+        ``train`` applies it, still shrinks them (they are removed from the final model,
+        unless filling the budget at the end puts a channel back)."""
+        with channel_masks(self.model, self.space, masks):
+            train(self.model)
+        self.model.eval()
+        self.finetuned = True
+
+
+__all__ = ["BN_STATS", "MaskedEvaluator", "channel_masks"]

@@ -1,0 +1,179 @@
+"""Proxy fidelity: τ-b as scipy computes it, a bootstrap interval equal to an independent
+computation, ties counted, every budget × proxy measured, and the CLI writing it all."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import kendalltau
+
+import autoprune as ap
+from autoprune import checkpoint, fidelity
+from autoprune.cli import main
+from autoprune.errors import OptionError
+from autoprune.search import SearchSpace
+from autoprune.search.validate import Section
+
+TINY_SPACE = """\
+ratios: [{match: '.*', low: 0.0, high: 0.8, tie: stage}]
+criteria: [l1]
+proxy: {bn_batches: 20, finetune_steps: 3, eval_batches: 1, lr: 0.01}
+"""
+ASHA_SPACE = TINY_SPACE + "asha: {grace_period: 1, reduction_factor: 3}\n"
+
+
+def pair_tau(a, b):
+    """Kendall τ-b by counting pairs, independent of scipy and of the module; None if undefined."""
+    num = untied_a = untied_b = 0
+    for i, j in itertools.combinations(range(len(a)), 2):
+        sa, sb = np.sign(a[i] - a[j]), np.sign(b[i] - b[j])
+        num += sa * sb
+        untied_a += sa != 0
+        untied_b += sb != 0
+    return num / (untied_a * untied_b) ** 0.5 if untied_a and untied_b else None
+
+
+def pair_ties(values):
+    return sum(values[i] == values[j] for i, j in itertools.combinations(range(len(values)), 2))
+
+
+# --------------------------------------------------------------------------- statistics on constructed data
+
+
+def test_tau_is_scipys_tau_b_with_ties():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 5, 30).astype(float)  # many ties on both sides
+    y = x + rng.integers(0, 4, 30)
+    assert fidelity.kendall_tau(x, y) == pytest.approx(kendalltau(x, y, variant="b").statistic, abs=1e-12)
+    assert fidelity.kendall_tau(x, y) == pytest.approx(pair_tau(x, y), abs=1e-12)
+    assert fidelity.kendall_tau([1, 1, 1], [1, 2, 3]) is None  # a constant side: undefined, not NaN
+
+
+@pytest.mark.parametrize("x", [
+    np.round(np.random.default_rng(1).normal(size=15), 1),  # a few ties
+    np.array([0.0] * 13 + [1.0] * 2),  # most resamples hold one value of x: τ undefined there
+])
+def test_bootstrap_interval_equals_an_independent_computation(x):
+    y = np.round(x + np.random.default_rng(2).normal(size=len(x)), 1)
+    got = fidelity.bootstrap_tau(x, y, resamples=400, seed=7, confidence=0.9)
+    index = np.random.default_rng(7).integers(0, len(x), size=(400, len(x)))
+    taus = [pair_tau(x[i], y[i]) for i in index]
+    defined = [t for t in taus if t is not None]
+    low, high = np.percentile(defined, [5, 95])
+    assert got["low"] == pytest.approx(low, abs=1e-12) and got["high"] == pytest.approx(high, abs=1e-12)
+    assert got["undefined"] == taus.count(None)
+    assert got["undefined"] > 0 if len(set(x)) == 2 else got["undefined"] == 0
+
+
+def test_tau_rows_count_ties_and_cover_every_budget_and_proxy():
+    proxy = [0.5, 0.5, 0.5, 0.7, 0.7, 0.1]  # 3 + 1 tied pairs
+    final = [0.9, 0.8, 0.8, 0.95, 0.6, 0.3]  # 1 tied pair
+    cands = {b: [{"proxy": {"adaptive_bn": p, "finetune_3": -p}, "final": f} for p, f in zip(proxy, final)]
+             for b in ("flops<=60%", "flops<=40%")}
+    rows = fidelity.tau_rows(cands, ["adaptive_bn", "finetune_3"], resamples=50, seed=1)
+    assert [(r["budget"], r["proxy"]) for r in rows] == [(b, p) for b in cands for p in ("adaptive_bn", "finetune_3")]
+    assert {r["ties"] for r in rows} == {pair_ties(proxy)} == {4}
+    assert {r["ties_final"] for r in rows} == {1} and {r["n"] for r in rows} == {6}
+    bn = rows[0]["tau"]
+    assert bn == pytest.approx(pair_tau(proxy, final)) and rows[1]["tau"] == pytest.approx(-bn)
+    table = fidelity.markdown({"confidence": 0.95, "tau": rows})
+    assert table.splitlines()[0] == "| budget | proxy | Kendall τ | 95% CI | n | ties |"
+    assert f"| flops<=40% | finetune_3 | {-bn:.2f} | [{rows[3]['ci_low']:.2f}, {rows[3]['ci_high']:.2f}] | 6 | 4 |" \
+        in table
+
+
+def test_proxies_are_every_length_the_space_offers():
+    spec = SearchSpace.from_dict({"ratios": [{"high": 0.5}], "criteria": ["l1"], "proxy": {"finetune_steps": 9},
+                                  "asha": {"grace_period": 1, "reduction_factor": 3}})
+    assert [(p["name"], p["steps"]) for p in fidelity.proxies(spec)] == \
+        [("finetune_1_of_9", 1), ("finetune_3_of_9", 3), ("finetune_9", 9)]  # ASHA's rungs
+    plain = replace(spec, asha=None)
+    assert [p["name"] for p in fidelity.proxies(plain)] == ["finetune_9"]
+    choices = replace(plain, proxy=Section({**plain.proxy, "finetune_steps": [20, 5, 0, 5]}))
+    assert [p["steps"] for p in fidelity.proxies(choices)] == [5, 20]  # 0 is adaptive BN alone, always measured
+
+
+@pytest.mark.parametrize("kw, fact", [
+    ({"n": 2}, "from 3"),
+    ({"budgets": "flops<=50%"}, "non-empty list"),
+    ({"budgets": ["flops<=50%", "flops<=0.5"]}, "distinct"),
+    ({"confidence": 1.0}, "confidence"),
+    ({"resamples": 0}, "resamples"),
+])
+def test_bad_options_are_refused_before_any_work(kw, fact):
+    with pytest.raises(OptionError, match=fact) as info:
+        fidelity.check_options(**{"budgets": ["flops<=50%"], **kw})
+    assert "\n" not in str(info.value)
+
+
+# --------------------------------------------------------------------------- end to end (tiny)
+
+
+@pytest.fixture
+def baseline(trained, tmp_path):
+    model, data = trained
+    path = tmp_path / "base.pt"
+    checkpoint.save_baseline(path, model, data=data.settings | {"name": data.name},
+                             input_shape=list(data.input_shape))
+    (tmp_path / "tiny.yaml").write_text(TINY_SPACE)
+    (tmp_path / "asha.yaml").write_text(ASHA_SPACE)
+    return path, model, data
+
+
+def test_fidelity_command_measures_every_budget_and_proxy(baseline, tmp_path, capsys):
+    path, model, data = baseline
+    out = tmp_path / "fid"
+    code = main(["fidelity", "--checkpoint", str(path), "--flops", "60%", "40%", "--n", "3", "--epochs", "0",
+                 "--space", str(tmp_path / "asha.yaml"), "--bn-batches", "2", "--out", str(out), "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    result = json.loads((out / "fidelity.json").read_text())
+    names = ["adaptive_bn", "finetune_1_of_3", "finetune_3"]  # ASHA rungs 1 and 3 of 3 steps
+    assert [p["name"] for p in result["proxies"]] == names
+    assert len(result["tau"]) == 2 * len(names)  # 2 budgets x (adaptive BN + 2 proxy lengths)
+    assert result["proxy"]["bn_batches"] == 2  # the caller's BN recipe, not the space's 20
+    base = ap.fvcore_cost(model, torch.zeros(1, *data.input_shape)).flops
+    configs = [[c["config"] for c in result["candidates"][b]] for b in result["budgets"]]
+    assert configs[0] == configs[1] and len(configs[0]) == 3  # the same structures at every budget
+    for row in result["tau"]:
+        cands = result["candidates"][row["budget"]]
+        proxy, final = [c["proxy"][row["proxy"]] for c in cands], [c["final"] for c in cands]
+        expected = pair_tau(proxy, final)
+        assert (row["tau"] is None and expected is None) or row["tau"] == pytest.approx(expected)
+        assert row["ties"] == pair_ties(proxy) and row["n"] == 3
+        limit = float(row["budget"].split("<=")[1].rstrip("%")) / 100
+        assert all(c["flops"] <= limit * base for c in cands)
+        # epochs 0: the final accuracy is the accuracy right after adaptive BN
+        assert all(c["final"] == c["accuracy_adaptive_bn"] for c in cands)
+    table = (out / "fidelity.md").read_text().splitlines()
+    assert len(table) == 2 + len(result["tau"]) and table == fidelity.markdown(result).splitlines()
+
+
+def _compare_argv(path, tmp_path, out):
+    return ["compare", "--checkpoint", str(path), "--flops", "50%", "--methods", "uniform", "--criterion", "l1",
+            "--seeds", "0", "--epochs", "0", "--space", str(tmp_path / "tiny.yaml"), "--out", str(out),
+            "--no-progress"]
+
+
+def test_compare_fidelity_refuses_too_few_structures_before_any_run(baseline, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    code = main([*_compare_argv(baseline[0], tmp_path, out), "--fidelity", "2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--fidelity" in err[0] and "from 3" in err[0]
+    assert not (out / "results.json").exists()
+
+
+@pytest.mark.slow  # about 40 s on a shared 2-core machine: 50 adaptive-BN batches per proxy, as the runs
+def test_compare_fidelity_writes_json_and_markdown_for_every_budget(baseline, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert main([*_compare_argv(baseline[0], tmp_path, out), "--fidelity", "3"]) == 0, capsys.readouterr().err
+    result = json.loads((out / "fidelity.json").read_text())
+    assert [(r["budget"], r["proxy"]) for r in result["tau"]] == \
+        [("flops<=50%", "adaptive_bn"), ("flops<=50%", "finetune_3")]
+    assert result["bn_batches"] == 50  # the runs' default recipe
+    assert (out / "fidelity.md").read_text() == fidelity.markdown(result)
+    assert (out / "results.json").is_file()
