@@ -344,11 +344,8 @@ def compare(args: argparse.Namespace) -> int:
     budgets = budgets_of(args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     criterion = parse_criterion(args.criterion)
-    check_options(methods, criterion, space=args.space, what="--methods")  # the space if a search runs
     greedy = greedy_options(args)
-    if greedy and "greedy" in methods:
-        from . import methods as width_methods
-        width_methods.get("greedy").check(greedy)
+    check_options(methods, criterion, space=args.space, what="--methods", **greedy)  # the space if a search runs
     searches = any(search_run(m) is not None for m in methods)
     if args.fidelity:
         _check_fidelity(args, budgets, n=args.fidelity, what="--fidelity")

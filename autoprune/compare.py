@@ -58,11 +58,18 @@ _NUMBERS = ("accuracy", "accuracy_adaptive_bn", "flops", "params", "flops_ratio"
 _OPTIONAL_NUMBERS = ("proxy_evaluations", "search_cost")  # None: not reported / no fine-tune
 
 
+METHOD_OPTIONS = ("greedy_mode", "greedy_step", "greedy_bn_batches", "greedy_recalibrate", "greedy_rescore",
+                  "greedy_cap", "greedy_finetune_every", "greedy_finetune_steps", "wsp_variant", "sg_k")
+"""prune() keywords that are a width method's options, checked with the methods up front."""
+
+
 def check_options(methods: Sequence[str], criterion: "str | dict | None" = None,
-                  space: "str | SearchSpace | None" = None, what: str = "methods") -> list[str]:
-    """The methods, after checking each (and the criterion for every width method, and the
-    search space when a search run is among them): AutopruneError naming the choices. Cheap, so
-    :func:`compare` and the CLI run it before any training, calibration or pruning."""
+                  space: "str | SearchSpace | None" = None, what: str = "methods",
+                  **method_options) -> list[str]:
+    """The methods, after checking each (and the criterion and ``method_options`` — e.g.
+    ``greedy_step`` — for every width method, and the search space when a search run is among
+    them): AutopruneError naming the choices. Cheap, so :func:`compare` and the CLI run it
+    before any training, calibration or pruning."""
     valid = width_methods.available()
     if isinstance(methods, str) or not methods:
         raise AutopruneError(f"{what} must be a non-empty list of methods from {', '.join(valid)}, "
@@ -76,7 +83,7 @@ def check_options(methods: Sequence[str], criterion: "str | dict | None" = None,
     searches = [m for m in methods if search_run(m) is not None]
     for method in methods:
         if method not in searches:
-            check_prune_options(method, criterion)
+            check_prune_options(method, criterion, **method_options)
     if searches and space is not None and not isinstance(space, SearchSpace):
         from .search import load
         load(space)
@@ -108,7 +115,8 @@ def compare(model: nn.Module, data: DataBundle,
     (one per budget and arm), ``tests`` (one per budget and arm other than ``reference``),
     ``widths`` and ``settings``.
     """
-    methods = check_options(methods, criterion, prune_kw.get("space"))
+    methods = check_options(methods, criterion, prune_kw.get("space"),
+                            **{k: v for k, v in prune_kw.items() if k in METHOD_OPTIONS})
     seeds = _check_seeds(seeds)
     if not isinstance(reference, str):
         raise OptionError(f"reference must be a method name, got {short(reference)}")

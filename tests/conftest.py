@@ -79,3 +79,27 @@ def write_fake_fashion_mnist(folder, n_train=200, n_test=50, side=6, gz=True, se
         write_idx(folder, f"{split}-labels-idx1-ubyte", labels, gz)
         out[split] = (images, labels)
     return out
+
+
+@pytest.fixture
+def prune_call(monkeypatch):
+    """``prune_call(argv)``: the keyword arguments ``autoprune prune argv`` hands to
+    :func:`autoprune.prune` (model and data building and the prune itself stubbed out)."""
+    import importlib
+
+    from autoprune import cli, commands
+
+    class Reached(Exception):
+        pass
+
+    def fake_prune(model, data, budget, **kw):
+        raise Reached(kw)
+
+    monkeypatch.setattr(commands, "_prune_inputs", lambda args: (None, None))
+    monkeypatch.setattr(importlib.import_module("autoprune.prune"), "prune", fake_prune)
+
+    def call(argv):
+        with pytest.raises(Reached) as info:
+            cli.main(argv)
+        return info.value.args[0]
+    return call

@@ -153,28 +153,16 @@ def test_check_options_names_the_parameter_and_choices(kw, needle):
         pipeline.check_options("greedy", **kw)
 
 
-def test_cli_wsp_variant_reaches_prune_and_bad_values_are_one_line(monkeypatch, capsys, tmp_path):
+def test_cli_wsp_variant_reaches_prune_and_bad_values_are_one_line(prune_call, capsys, tmp_path):
     """--wsp-variant weight|data is parsed, checked and passed to autoprune.prune."""
-    from autoprune import cli, commands
-    prune_module = importlib.import_module("autoprune.prune")  # the attribute is the function
-
-    class Reached(Exception):
-        pass
-
-    def fake_prune(model, data, budget, **kw):
-        raise Reached(kw["method"], kw["wsp_variant"])
-
-    monkeypatch.setattr(commands, "_prune_inputs", lambda args: (None, None))
-    monkeypatch.setattr(prune_module, "prune", fake_prune)
+    from autoprune import cli
     argv = ["prune", "--model", "resnet20", "--data", "synthetic", "--flops", "50%", "--out", str(tmp_path),
             "--method", "wsp"]
     for variant in ("weight", "data"):
-        with pytest.raises(Reached) as info:
-            cli.main([*argv, "--wsp-variant", variant])
-        assert info.value.args == ("wsp", variant)
-    with pytest.raises(Reached) as info:
-        cli.main(argv)
-    assert info.value.args == ("wsp", "weight")  # the default
+        kw = prune_call([*argv, "--wsp-variant", variant])
+        assert (kw["method"], kw["wsp_variant"]) == ("wsp", variant)
+    kw = prune_call(argv)
+    assert (kw["method"], kw["wsp_variant"]) == ("wsp", "weight")  # the default
     assert cli.main([*argv, "--wsp-variant", "grad"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--wsp-variant" in err and "'weight', 'data'" in err

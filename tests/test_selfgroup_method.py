@@ -206,28 +206,13 @@ def test_sg_k_is_checked_before_any_work(bad):
         ap.prune(None, None, "flops<=50%", method="selfgroup", sg_k=bad)
 
 
-def test_cli_sg_k_reaches_prune_and_bad_values_are_one_line(monkeypatch, capsys, tmp_path):
-    import importlib
-
-    from autoprune import commands
-    prune_module = importlib.import_module("autoprune.prune")  # the attribute is the function
-
-    class Reached(Exception):
-        pass
-
-    def fake_prune(model, data, budget, **kw):
-        raise Reached(kw["method"], kw["sg_k"])
-
-    monkeypatch.setattr(commands, "_prune_inputs", lambda args: (None, None))
-    monkeypatch.setattr(prune_module, "prune", fake_prune)
+def test_cli_sg_k_reaches_prune_and_bad_values_are_one_line(prune_call, capsys, tmp_path):
     argv = ["prune", "--model", "resnet20", "--data", "synthetic", "--flops", "50%", "--out", str(tmp_path / "x"),
             "--method", "selfgroup"]
-    with pytest.raises(Reached) as info:
-        main([*argv, "--sg-k", "4"])
-    assert info.value.args == ("selfgroup", 4)
-    with pytest.raises(Reached) as info:
-        main(argv)
-    assert info.value.args == ("selfgroup", 16)  # the default
+    kw = prune_call([*argv, "--sg-k", "4"])
+    assert (kw["method"], kw["sg_k"]) == ("selfgroup", 4)
+    kw = prune_call(argv)
+    assert (kw["method"], kw["sg_k"]) == ("selfgroup", 16)  # the default
     assert main([*argv, "--sg-k", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--sg-k" in err[0]
