@@ -140,6 +140,10 @@ GREEDY = (
     arg("--greedy-recalibrate", type=NONNEG_INT, metavar="N",
         help=_greedy_help("re-estimate BN under the committed structure every N greedy steps (0: never)",
                           "greedy_recalibrate")),
+    arg("--greedy-screen", type=NONNEG_INT, metavar="K",
+        help=_greedy_help("accuracy mode: score every candidate step on one validation batch and only "
+                          "the best K on all of them (0: every candidate on all, the authors')",
+                          "greedy_screen")),
 )
 """Method greedy's options (:data:`autoprune.methods.greedy.DEFAULTS`); unset ones keep prune's defaults."""
 
@@ -147,7 +151,7 @@ GREEDY = (
 def greedy_options(args: argparse.Namespace) -> dict:
     """The greedy options given on the command line, as :func:`autoprune.prune` keywords."""
     names = ("greedy_mode", "greedy_step", "greedy_bn_batches", "greedy_rescore", "greedy_cap",
-             "greedy_finetune_every", "greedy_finetune_steps", "greedy_recalibrate")
+             "greedy_finetune_every", "greedy_finetune_steps", "greedy_recalibrate", "greedy_screen")
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 

@@ -51,6 +51,9 @@ from .space import Space, Unit
 MODES = ("criterion", "accuracy")
 """How a candidate step is ranked: loss per FLOP saved, or validation accuracy."""
 
+SCREEN_BATCHES = 1
+"""Validation batches every candidate is screened on when the greedy screens (``screen``)."""
+
 DEFAULT_CAP = 0.9
 """A unit at least this much pruned proposes nothing (the authors' 90% per-layer cap)."""
 
@@ -183,7 +186,8 @@ def greedy_widths(space: Space, scores: Mapping[str, torch.Tensor], budget: "str
                   evaluator: MaskedEvaluator | None = None, recalibrate_every: int = 0,
                   progress: bool = True, clusters: Mapping[str, np.ndarray] | None = None, *,
                   cap: float = DEFAULT_CAP, di: DIScatter | None = None, rescorer: Rescorer | None = None,
-                  rescore_every: int = 0, finetune: FineTune | None = None) -> GreedyResult:
+                  rescore_every: int = 0, finetune: FineTune | None = None,
+                  screen: int = 0) -> GreedyResult:
     """Widths meeting ``budget`` chosen greedily, one committed step at a time (module doc).
 
     ``scores`` (unit → [width]) are the initial ranking; ``clusters`` (unit → labels) the
@@ -192,6 +196,8 @@ def greedy_widths(space: Space, scores: Mapping[str, torch.Tensor], budget: "str
     committed step's accuracy is recorded). ``di`` enables the DI-lost rule (and the
     accuracy mode's tie-break); ``rescorer`` re-ranks every ``rescore_every`` steps (0:
     never), ``finetune`` trains the evaluator's working copy every ``finetune.every`` steps.
+    ``screen`` (accuracy mode; 0: off, the authors') scores every candidate on the first
+    :data:`SCREEN_BATCHES` validation batches and only the best ``screen`` on all of them.
     """
     if mode not in MODES:
         raise OptionError(f"unknown greedy mode {short(mode)}; choose one of {', '.join(MODES)}")
@@ -201,6 +207,9 @@ def greedy_widths(space: Space, scores: Mapping[str, torch.Tensor], budget: "str
     if rescore_every and rescorer is None:
         raise OptionError(f"rescore_every={short(rescore_every)} needs a rescorer (model + calibration "
                           "data); pass rescorer= or rescore_every=0")
+    if isinstance(screen, bool) or not isinstance(screen, int) or screen < 0:
+        raise OptionError(f"greedy screen must be an integer >= 0 (finalists scored on the whole validation "
+                          f"subset; 0: every candidate), got {short(screen)}")
     if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 0 < cap <= 1:
         raise OptionError(f"greedy cap must be a fraction in (0, 1] (a unit at least that much pruned "
                           f"proposes nothing; 0.9 = the authors'), got {short(cap)}")
@@ -211,6 +220,7 @@ def greedy_widths(space: Space, scores: Mapping[str, torch.Tensor], budget: "str
     base = state.cost()
     rule = _rule(mode, di)
     settings = {"mode": mode, "rule": rule, "step": step, "cap": cap, "rescore_every": rescore_every,
+                "screen": screen if mode == "accuracy" else 0,
                 "recalibrate_every": recalibrate_every,
                 "finetune_every": finetune.every if finetune else 0, "finetune_steps": finetune.steps if finetune else 0}
     named = {k: v for k, v in settings.items() if k not in ("step", "recalibrate_every")}  # in every entry
@@ -220,14 +230,14 @@ def greedy_widths(space: Space, scores: Mapping[str, torch.Tensor], budget: "str
     bar = tqdm(total=base - target, desc="greedy", unit=budget.kind, disable=not progress, leave=False)
     while state.cost() > target:
         want = min(step * base, state.cost() - target)
-        best = _best_step(state, want, mode, evaluator, di)
+        best = _best_step(state, want, mode, evaluator, di, screen)
         if best is None:
             if state.capped:  # the budget cannot be met within the cap: lift it (module doc)
                 state.lift_cap()
                 cap_lifted_at = len(trajectory) + 1
                 continue
             break
-        unit, widths, proxy, per_flop, candidates = best
+        unit, widths, proxy, per_flop, candidates, screened = best
         u = space.unit(unit)
         before = state.kept(u, state.widths[unit])
         removed = sorted(set(before) - set(state.kept(u, widths[unit])))
@@ -238,6 +248,8 @@ def greedy_widths(space: Space, scores: Mapping[str, torch.Tensor], budget: "str
                  "scored_at": scored_at, "unit": unit, "kept": widths[unit], "removed": removed,
                  budget.kind: state.cost(), "saved": saved, "lost_per_flop": per_flop, "proxy": proxy,
                  "candidates": candidates}
+        if screened is not None:
+            entry["screened"] = screened
         if evaluator is not None:
             entry["accuracy"] = proxy if mode == "accuracy" else evaluator(state.masks(widths))
         trajectory.append(entry)
@@ -269,28 +281,35 @@ def greedy_widths(space: Space, scores: Mapping[str, torch.Tensor], budget: "str
     return GreedyResult(widths, trajectory, info, ranking)
 
 
-def _best_step(state: _State, want: float, mode: str, evaluator, di: DIScatter | None) -> tuple | None:
-    """The committed candidate: (unit, widths, proxy, lost per FLOP, every candidate's proxy).
+def _best_step(state: _State, want: float, mode: str, evaluator, di: DIScatter | None,
+               screen: int = 0) -> tuple | None:
+    """The committed candidate: (unit, widths, proxy, lost per FLOP, every candidate's proxy,
+    every candidate's screening accuracy or None).
 
-    ``proxy`` is the accuracy (mode ``accuracy``) or the lost per FLOP saved (``criterion``)."""
-    best, proxies = None, {}
+    ``proxy`` is the accuracy (mode ``accuracy``) or the lost per FLOP saved (``criterion``).
+    With ``screen`` (accuracy mode) and more candidates than that, every candidate is first
+    scored on the first :data:`SCREEN_BATCHES` validation batches and only the best ``screen``
+    (ties: the cheaper by the criterion rule) on all of them."""
     now = state.cost()
+    candidates = []
     for unit in state.space.units:
         widths = state.candidate(unit, want)
-        if widths is None:
-            continue
-        per_flop = state.lost(unit, widths[unit.name], di) / max(now - state.cost(widths), 1)
-        if mode == "accuracy":
-            proxy = evaluator(state.masks(widths))
-            key = (-proxy, per_flop)
-        else:
-            proxy = per_flop
-            key = (per_flop,)
-        proxies[unit.name] = proxy
-        if best is None or key < best[0]:
-            best = (key, unit.name, widths, proxy, per_flop)
-    return None if best is None else (*best[1:], proxies)
+        if widths is not None:
+            per_flop = state.lost(unit, widths[unit.name], di) / max(now - state.cost(widths), 1)
+            candidates.append((unit.name, widths, per_flop))
+    if not candidates:
+        return None
+    screened = None
+    if mode == "accuracy" and screen and len(candidates) > screen:
+        screened = {name: evaluator(state.masks(w), batches=SCREEN_BATCHES) for name, w, _ in candidates}
+        best = {c[0] for c in sorted(candidates, key=lambda c: (-screened[c[0]], c[2]))[:screen]}
+        candidates = [c for c in candidates if c[0] in best]  # in unit order, for the tie-break below
+    proxies = {name: evaluator(state.masks(w)) if mode == "accuracy" else per_flop
+               for name, w, per_flop in candidates}
+    key = (lambda c: (-proxies[c[0]], c[2])) if mode == "accuracy" else (lambda c: (c[2],))
+    name, widths, per_flop = min(candidates, key=key)  # the first in unit order among equals
+    return name, widths, proxies[name], per_flop, proxies, screened
 
 
-__all__ = ["DEFAULT_CAP", "FineTune", "GreedyResult", "MODES", "MaskedEvaluator", "RULES", "channel_masks",
+__all__ = ["DEFAULT_CAP", "FineTune", "GreedyResult", "MODES", "MaskedEvaluator", "RULES", "SCREEN_BATCHES", "channel_masks",
            "floor_width", "greedy_widths"]

@@ -72,7 +72,9 @@ class MaskedEvaluator:
         self.finetuned = False
 
     @torch.no_grad()
-    def __call__(self, masks: Mapping[str, torch.Tensor]) -> float:
+    def __call__(self, masks: Mapping[str, torch.Tensor], batches: int | None = None) -> float:
+        """Accuracy of the structure ``masks`` on the first ``batches`` validation batches (all
+        when None), after adaptive BN when given training batches."""
         self.evaluations += 1
         adapts = self.bn_fn is not None and bool(self.train_batches)
         if adapts:
@@ -81,7 +83,7 @@ class MaskedEvaluator:
         correct = total = 0
         device = next(self.model.parameters()).device
         with channel_masks(self.model, self.space, masks):
-            for x, y in self.val_batches:
+            for x, y in self.val_batches[:batches]:
                 correct += (self.model(x.to(device)).argmax(1).cpu() == y).sum().item()
                 total += len(y)
         if adapts:

@@ -40,7 +40,7 @@ def prune(model: nn.Module, data: DataBundle, budget: "str | Budget" = "flops<=5
           bn_batches: int = 50, greedy_mode: str = "accuracy", greedy_step: float = 0.01,
           greedy_bn_batches: int = 2, greedy_recalibrate: int = 0, greedy_rescore: int = 1,
           greedy_cap: float = 0.9, greedy_finetune_every: int = 0, greedy_finetune_steps: int = 100,
-          wsp_variant: str = "weight",
+          greedy_screen: int = 4, wsp_variant: str = "weight",
           out: str | Path | None = None, progress: bool = True,
           device: str | torch.device | None = None, space=None, trials: int = 64,
           workers: int = 2, address: str | None = None,
@@ -66,7 +66,9 @@ def prune(model: nn.Module, data: DataBundle, budget: "str | Budget" = "flops<=5
     cannot be met otherwise); ``greedy_finetune_every=K`` fine-tunes the working copy for
     ``greedy_finetune_steps`` SGD steps every K steps (0: never; the fine-tuned weights are
     the ones pruned); ``greedy_recalibrate=N`` re-estimates BN statistics under the committed
-    structure every N steps. Greedy records each step's validation accuracy in the trajectory.
+    structure every N steps; ``greedy_screen=K`` (accuracy mode) scores every candidate on one
+    validation batch and only the best K on all of them (0: every candidate on all, the
+    authors'). Greedy records each step's validation accuracy in the trajectory.
     Method ``wsp`` removes exactly WSP's weak sub-network (:func:`autoprune.wsp.wsp_plan`:
     it chooses the channels, so ``criterion`` and ``clusters`` do not apply) with saliencies
     from ``wsp_variant`` ``"weight"`` (norms, no calibration) or ``"data"`` (calibrated).
@@ -101,7 +103,8 @@ def prune(model: nn.Module, data: DataBundle, budget: "str | Budget" = "flops<=5
     options = {"greedy_step": greedy_step, "greedy_bn_batches": greedy_bn_batches,
                "greedy_recalibrate": greedy_recalibrate, "greedy_rescore": greedy_rescore,
                "greedy_cap": greedy_cap, "greedy_finetune_every": greedy_finetune_every,
-               "greedy_finetune_steps": greedy_finetune_steps, "wsp_variant": wsp_variant, "sg_k": sg_k}
+               "greedy_finetune_steps": greedy_finetune_steps, "greedy_screen": greedy_screen,
+               "wsp_variant": wsp_variant, "sg_k": sg_k}
     weights = check_options(method, criterion, clusters, greedy_mode, calib_images, cluster_k,
                             criterion_params=criterion_params, **options)
     settings = criteria.check_params(criterion_params, weights)

@@ -9,6 +9,11 @@ by the run's criterion on the current masked network every N steps (1, default: 
 step, as the authors); ``greedy_cap`` (0.9) stops proposing for a unit that much pruned;
 ``greedy_finetune_every=K`` fine-tunes the working copy for ``greedy_finetune_steps`` SGD
 steps (lr 0.01, :func:`autoprune.evaluate.proxy_finetune`) every K steps, masks held.
+``greedy_screen=K`` (default 4; 0: off, the authors') is the speed-up that makes accuracy
+mode affordable on deep nets: every candidate is scored on one validation batch of 256
+images and only the best K on all :data:`VAL_BATCHES` (a deviation: the authors score every
+candidate on their whole validation set; ``benchmarks/greedy.py`` measures the time saved and
+how often the screened step equals the unscreened one).
 
 The greedy picks the channels itself (its final ranking: the returned Plan is exactly
 what its last step evaluated). With fine-tuning, the authors keep the fine-tuned weights,
@@ -43,7 +48,7 @@ VAL_BATCHES = 8
 
 DEFAULTS = {"greedy_mode": "accuracy", "greedy_step": 0.01, "greedy_bn_batches": 2, "greedy_recalibrate": 0,
             "greedy_rescore": 1, "greedy_cap": DEFAULT_CAP, "greedy_finetune_every": 0,
-            "greedy_finetune_steps": 100}
+            "greedy_finetune_steps": 100, "greedy_screen": 4}
 """The options' defaults (:func:`autoprune.prune` and the CLI use the same)."""
 
 WITHOUT_DATA = {"greedy_mode": "criterion", "greedy_rescore": 0}
@@ -83,7 +88,8 @@ class Greedy(WidthMethod):
         _fraction(options, "greedy_step", "of the base cost per step, e.g. 0.01", closed=False)
         _fraction(options, "greedy_cap", "a unit at least that much pruned proposes nothing; 0.9 = the "
                   "authors', 1 = no cap", closed=True)
-        for key in ("greedy_bn_batches", "greedy_recalibrate", "greedy_rescore", "greedy_finetune_every"):
+        for key in ("greedy_bn_batches", "greedy_recalibrate", "greedy_rescore", "greedy_finetune_every",
+                    "greedy_screen"):
             _count(options, key)
         _count(options, "greedy_finetune_steps", least=1)
 
@@ -116,7 +122,8 @@ class Greedy(WidthMethod):
         result = greedy_widths(space, context.scores, budget, step=o["greedy_step"], mode=o["greedy_mode"],
                                evaluator=judge, recalibrate_every=o["greedy_recalibrate"],
                                progress=context.progress, clusters=context.clusters, cap=o["greedy_cap"],
-                               di=di, rescorer=rescorer, rescore_every=o["greedy_rescore"], finetune=finetune)
+                               di=di, rescorer=rescorer, rescore_every=o["greedy_rescore"], finetune=finetune,
+                               screen=o["greedy_screen"])
         plan = select(space, result.widths, scores=result.scores, clusters=context.clusters)
         info = {**result.info, "bn_batches": o["greedy_bn_batches"] if has_data else 0,
                 "val_batches": VAL_BATCHES if has_data else 0,
