@@ -287,9 +287,10 @@ def _best_step(state: _State, want: float, mode: str, evaluator, di: DIScatter |
     every candidate's screening accuracy or None).
 
     ``proxy`` is the accuracy (mode ``accuracy``) or the lost per FLOP saved (``criterion``).
-    With ``screen`` (accuracy mode) and more candidates than that, every candidate is first
-    scored on the first :data:`SCREEN_BATCHES` validation batches and only the best ``screen``
-    (ties: the cheaper by the criterion rule) on all of them."""
+    With ``screen`` (accuracy mode), more candidates than that and more validation batches
+    than :data:`SCREEN_BATCHES` (else screening saves nothing), every candidate is first scored
+    on the first :data:`SCREEN_BATCHES` batches and only the best ``screen`` (ties: the
+    cheaper by the criterion rule) on all of them."""
     now = state.cost()
     candidates = []
     for unit in state.space.units:
@@ -300,7 +301,7 @@ def _best_step(state: _State, want: float, mode: str, evaluator, di: DIScatter |
     if not candidates:
         return None
     screened = None
-    if mode == "accuracy" and screen and len(candidates) > screen:
+    if mode == "accuracy" and screen and len(candidates) > screen and evaluator.n_batches > SCREEN_BATCHES:
         screened = {name: evaluator(state.masks(w), batches=SCREEN_BATCHES) for name, w, _ in candidates}
         best = {c[0] for c in sorted(candidates, key=lambda c: (-screened[c[0]], c[2]))[:screen]}
         candidates = [c for c in candidates if c[0] in best]  # in unit order, for the tie-break below

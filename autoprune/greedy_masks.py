@@ -90,6 +90,11 @@ class MaskedEvaluator:
             self.model.load_state_dict(saved, strict=False)
         return correct / max(total, 1)
 
+    @property
+    def n_batches(self) -> int:
+        """How many validation batches a full evaluation scores."""
+        return len(self.val_batches)
+
     def recalibrate(self, masks: Mapping[str, torch.Tensor]) -> None:
         if self.bn_fn is not None and self.train_batches:
             with channel_masks(self.model, self.space, masks):

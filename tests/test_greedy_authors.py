@@ -323,9 +323,12 @@ def test_prune_runs_the_authors_greedy_by_default(trained):
     for t in steps:
         assert {"mode", "rule", "rescore_every", "cap", "finetune_every", "finetune_steps"} <= set(t)
         assert t["candidates"][t["unit"]] == max(t["candidates"].values()) == t["accuracy"]
-    # the default screen: every candidate on one batch, the best 4 on all of them
-    assert info["screen"] == 4 and all(len(t["candidates"]) == min(4, len(t.get("screened", t["candidates"])))
+    # the default screen (every candidate on one batch, the best 4 on all) applies only where
+    # the validation data holds more than one batch of 256
+    screens = len(data.val) > 256
+    assert info["screen"] == 4 and all(("screened" in t) == (screens and len(t.get("screened", ())) > 4)
                                        for t in steps)
+    assert all(len(t["candidates"]) == 4 for t in steps if "screened" in t)
     assert result.report["compute"]["proxy_evaluations"] == sum(len(t["candidates"]) + len(t.get("screened", ()))
                                                                 for t in steps)
     assert [t["scored_at"] for t in steps] == list(range(len(steps)))

@@ -18,8 +18,8 @@ class Table:
     ``quick[u]`` and its full score ``full[u]`` for the unit ``u`` it cuts beyond the last
     committed structure (which it learns from the masks); counts its calls per kind."""
 
-    def __init__(self, quick, full):
-        self.quick, self.full = quick, full
+    def __init__(self, quick, full, n_batches=8):
+        self.quick, self.full, self.n_batches = quick, full, n_batches
         self.evaluations, self.calls, self.finetuned = 0, {"quick": 0, "full": 0}, False
         self.committed: dict[str, int] = {}
 
@@ -38,10 +38,10 @@ def _space():
     return _chain_space()[1]
 
 
-def _walk(screen, quick, full, budget="flops<=97%"):
+def _walk(screen, quick, full, budget="flops<=97%", n_batches=8):
     space = _space()
     scores = {u.name: torch.arange(u.width, dtype=torch.float64) for u in space.units}
-    table = Table(quick, full)
+    table = Table(quick, full, n_batches)
     result = greedy_widths(space, scores, budget, step=0.01, mode="accuracy", evaluator=table,
                            progress=False, screen=screen)
     return result, table
@@ -72,6 +72,14 @@ def test_screening_costs_one_quick_call_per_candidate_and_k_full_calls_per_step(
     candidates = sum(len(t["screened"]) for t in result.trajectory)
     assert table.calls == {"quick": candidates, "full": 2 * steps}
     assert result.info["proxy_evaluations"] == candidates + 2 * steps
+
+
+def test_no_screening_where_it_saves_nothing():
+    """One validation batch: the screen would score every candidate on all of it twice."""
+    quick, full = {"a": 0.8, "b": 0.5, "c": 0.9}, {"a": 0.7, "b": 0.95, "c": 0.6}
+    result, table = _walk(2, quick, full, n_batches=SCREEN_BATCHES)
+    assert table.calls["quick"] == 0 and result.trajectory[0]["unit"] == "b"
+    assert all("screened" not in t for t in result.trajectory)
 
 
 def test_screen_ties_are_broken_by_the_criterion_rule_then_unit_order():
