@@ -4,12 +4,13 @@
 # structures per budget). Usage: experiments/fashion_mnist.sh MODEL [OUT].
 #
 # Phased, so that whatever finishes is a complete table: (1) every arm but selfgroup and
-# fastnas at 50%, (2) proxy fidelity at 50% (fidelity-50/), (3) selfgroup at 50% (its grouped
-# convs fine-tune ~12x slower than dense convs on this CPU: ~8 min a run), (4) every arm at
-# 30%, (5) fastnas at both (skipped with one line without the peers extra), (6) proxy
-# fidelity at 30% (fidelity-30/). Every phase rewrites results.* from all finished runs; running the script
-# again after an interruption reuses every finished run (only when all its settings match)
-# and resumes an interrupted search.
+# fastnas at 50%, (2) proxy fidelity at 50% (fidelity-50/), (3) selfgroup and fastnas at 50%
+# (selfgroup's grouped convs fine-tune ~12x slower than dense convs on this CPU: ~7 min a
+# run; fastnas is skipped with one line without the peers extra), (4) every arm but
+# selfgroup at 30%, (5) proxy fidelity at 30% (fidelity-30/), (6) selfgroup at 30%. Every
+# phase rewrites results.* from all finished runs; running the script again after an
+# interruption reuses every finished run (only when all its settings match), resumes an
+# interrupted search and skips a finished fidelity study.
 #
 # Choices, for a 2-core CPU machine (measured times in the README):
 #  - 16x16 images; the dense baseline trained once on all 55,000 training images (5,000 more
@@ -34,13 +35,14 @@ fi
 common=(--checkpoint "$base" --data fashion-mnist --image-size 16 --train-size 10000 --seeds 0 1 2 3 4
         --epochs 2 --greedy-step 0.02 --space resnet_cifar --trials 16 --workers 2 --out "$out" --no-progress)
 arms=uniform,greedy,wsp,tp_global,random,search_widths,search
-fidelity() {  # proxy fidelity at one budget, into its own folder
+fidelity() {  # proxy fidelity at one budget, into its own folder (skipped once finished)
+    [ -f "$out/fidelity-${1%\%}/fidelity.json" ] && return 0
     time $ap fidelity --checkpoint "$base" --data fashion-mnist --image-size 16 --train-size 10000 \
         --flops "$1" --n 24 --epochs 2 --space resnet_cifar --out "$out/fidelity-${1%\%}" --no-progress
 }
 time $ap compare "${common[@]}" --flops 50% --methods "$arms"
 fidelity 50%
-time $ap compare "${common[@]}" --flops 50% --methods "$arms,selfgroup"
-time $ap compare "${common[@]}" --flops 50% 30% --methods "$arms,selfgroup"
-time $ap compare "${common[@]}" --flops 50% 30% --methods "$arms,selfgroup,fastnas"
+time $ap compare "${common[@]}" --flops 50% --methods "$arms,selfgroup,fastnas"
+time $ap compare "${common[@]}" --flops 50% 30% --methods "$arms,fastnas"
 fidelity 30%
+time $ap compare "${common[@]}" --flops 50% 30% --methods "$arms,selfgroup,fastnas"
