@@ -301,12 +301,17 @@ def _best_step(state: _State, want: float, mode: str, evaluator, di: DIScatter |
     if not candidates:
         return None
     screened = None
+    base = state.masks(state.widths) if mode == "accuracy" else {}
+
+    def accuracies(chosen: list, batches: int | None = None) -> dict[str, float]:
+        scores = evaluator.many(base, [(name, state.masks(w)) for name, w, _ in chosen], batches)
+        return {c[0]: score for c, score in zip(chosen, scores)}
+
     if mode == "accuracy" and screen and len(candidates) > screen and evaluator.n_batches > SCREEN_BATCHES:
-        screened = {name: evaluator(state.masks(w), batches=SCREEN_BATCHES) for name, w, _ in candidates}
+        screened = accuracies(candidates, SCREEN_BATCHES)
         best = {c[0] for c in sorted(candidates, key=lambda c: (-screened[c[0]], c[2]))[:screen]}
         candidates = [c for c in candidates if c[0] in best]  # in unit order, for the tie-break below
-    proxies = {name: evaluator(state.masks(w)) if mode == "accuracy" else per_flop
-               for name, w, per_flop in candidates}
+    proxies = accuracies(candidates) if mode == "accuracy" else {name: pf for name, _, pf in candidates}
     key = (lambda c: (-proxies[c[0]], c[2])) if mode == "accuracy" else (lambda c: (c[2],))
     name, widths, per_flop = min(candidates, key=key)  # the first in unit order among equals
     return name, widths, proxies[name], per_flop, proxies, screened

@@ -8,22 +8,30 @@ and fine-tuned without ever being materialised. :class:`MaskedEvaluator` owns on
 the model: it scores a masked structure's validation accuracy (after adaptive BN when given
 training batches), re-estimates BN statistics under the committed masks, and fine-tunes the
 copy with the masks held (a masked channel's output is zero, so the loss sends no gradient
-to its filter or norm parameters).
+to its filter or norm parameters). :meth:`MaskedEvaluator.many` scores one step's candidates
+together, replaying what none of a candidate's changes can reach from one pass of the committed
+structure (:mod:`autoprune.greedy_prefix`; exact).
 """
 
 from __future__ import annotations
 
 import copy
 from contextlib import contextmanager
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
+from .greedy_prefix import ExecutionOrder, record, replay
 from .space import Space
 
 BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
 """The state-dict entries adaptive BN re-estimates (saved and restored around a candidate)."""
+
+PREFIX_CACHE_MB = 1024
+"""At most this much memory (MB) holds the committed structure's recorded training-batch outputs
+for prefix reuse in the adaptive-BN pass; above it that pass recomputes every candidate's
+prefix (the validation pass records one batch at a time and always reuses)."""
 
 
 @contextmanager
@@ -62,14 +70,19 @@ class MaskedEvaluator:
     restores the statistics; ``evaluations`` counts the calls. :meth:`recalibrate` keeps
     the re-estimated statistics (the greedy's "recalibrate every few steps") and
     :meth:`finetune` trains the copy with the masks held (``finetuned`` is then True).
+    :meth:`many` scores several candidates of one step with prefix reuse (``reuse_prefix``;
+    ``prefix`` counts the candidates it scored and how many of them replayed a prefix).
     """
 
     def __init__(self, model: nn.Module, space: Space, val_batches: list, train_batches: list | None = None,
-                 bn_fn: Callable | None = None) -> None:
+                 bn_fn: Callable | None = None, reuse_prefix: bool = True) -> None:
         self.model, self.space = copy.deepcopy(model).eval(), space
         self.val_batches, self.train_batches, self.bn_fn = val_batches, train_batches, bn_fn
         self.evaluations = 0
         self.finetuned = False
+        self.reuse_prefix = reuse_prefix
+        self.prefix = {"candidates": 0, "reused": 0, "train_cache": True}
+        self._order: ExecutionOrder | None = None
 
     @torch.no_grad()
     def __call__(self, masks: Mapping[str, torch.Tensor], batches: int | None = None) -> float:
@@ -89,6 +102,64 @@ class MaskedEvaluator:
         if adapts:
             self.model.load_state_dict(saved, strict=False)
         return correct / max(total, 1)
+
+    @torch.no_grad()
+    def many(self, base: Mapping[str, torch.Tensor], candidates: Sequence[tuple[str, Mapping[str, torch.Tensor]]],
+             batches: int | None = None) -> list[float]:
+        """Each candidate's accuracy, as ``self(masks, batches)`` would score it, for
+        ``candidates`` of one step: ``(unit, masks)`` where ``masks`` equal ``base`` (the
+        committed structure) except for ``unit``'s. With ``reuse_prefix``, the modules that
+        finish before a candidate's unit is first masked replay one recording of ``base``
+        (:mod:`autoprune.greedy_prefix`); the adaptive-BN pass replays too while its recording
+        fits :data:`PREFIX_CACHE_MB` (``prefix["train_cache"]`` says whether it did)."""
+        if not self.reuse_prefix or len(candidates) < 2:
+            return [self(masks, batches) for _, masks in candidates]
+        self.evaluations += len(candidates)
+        if self._order is None:
+            self._order = ExecutionOrder(self.model, self.val_batches[0][0])
+        plans = [self._order.clean(self.space.unit(unit)) for unit, _ in candidates]
+        union = sorted(set().union(*plans))
+        device = next(self.model.parameters()).device
+        adapts = self.bn_fn is not None and bool(self.train_batches)
+        buffers = {k: v for k, v in self.model.state_dict(keep_vars=True).items() if k.split(".")[-1] in BN_STATS}
+        saved = {k: v.detach().clone() for k, v in buffers.items()}
+        states = [saved] * len(candidates)
+        if adapts:
+            images = sum(len(b[0]) if isinstance(b, (tuple, list)) else len(b) for b in self.train_batches)
+            train_cache = self._order.mb(union, images) <= PREFIX_CACHE_MB
+            self.prefix["train_cache"] = train_cache
+            with channel_masks(self.model, self.space, base), record(self.model, union if train_cache else []) as cache:
+                self.bn_fn(self.model, self.train_batches)  # the committed structure's statistics
+            base_state = {k: v.detach().clone() for k, v in buffers.items()}
+            states = []
+            for (unit, masks), plan in zip(candidates, plans):
+                with channel_masks(self.model, self.space, masks), replay(self.model, plan if train_cache else [], cache):
+                    self.bn_fn(self.model, self.train_batches)
+                states.append({k: v.detach().clone() for k, v in buffers.items()})
+        self.model.eval()
+        correct, total = [0] * len(candidates), 0
+        for x, y in self.val_batches[:batches]:
+            x = x.to(device)
+            if adapts:
+                self._load(buffers, base_state)
+            with channel_masks(self.model, self.space, base), record(self.model, union) as cache:
+                self.model(x)
+            for i, ((_, masks), plan) in enumerate(zip(candidates, plans)):
+                if adapts:
+                    self._load(buffers, states[i])
+                with channel_masks(self.model, self.space, masks), replay(self.model, plan, cache):
+                    correct[i] += (self.model(x).argmax(1).cpu() == y).sum().item()
+            total += len(y)
+        self._load(buffers, saved)
+        self.prefix["candidates"] += len(candidates)
+        self.prefix["reused"] += sum(bool(p) for p in plans)
+        return [c / max(total, 1) for c in correct]
+
+    @staticmethod
+    def _load(buffers: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for k, v in buffers.items():
+                v.copy_(state[k])
 
     @property
     def n_batches(self) -> int:
@@ -113,4 +184,4 @@ class MaskedEvaluator:
         self.finetuned = True
 
 
-__all__ = ["BN_STATS", "MaskedEvaluator", "channel_masks"]
+__all__ = ["BN_STATS", "MaskedEvaluator", "PREFIX_CACHE_MB", "channel_masks"]

@@ -12,7 +12,11 @@ what each step costs and what a full walk costs (untrained weights unless ``--ch
    batch, the best 4 on all); prints the time per step of each, their ratio, the projected
    walk to 70/50/30% FLOPs, how many first steps commit the same unit and the masked
    accuracy after the last step (only meaningful with ``--checkpoint``, a trained net);
-3. the old cheap mode: criterion mode without re-scoring (milliseconds per step).
+3. the old cheap mode: criterion mode without re-scoring (milliseconds per step);
+4. ``accuracy`` mode with the default screen, to ``--budget-accuracy``, without and with
+   prefix reuse (:mod:`autoprune.greedy_prefix`; ``methods.greedy.REUSE_PREFIX``), side by
+   side: time per step, the ratio, and whether the two walks are identical (they must be:
+   the reuse is exact).
 
 ``--parts 2`` runs only the second. Times come from the method's own
 ``info["greedy"]["wall_s"]``; evaluations from ``info["compute"]``. Use Fashion-MNIST
@@ -50,6 +54,7 @@ def run(space, model, data, stats, scores, batches, budget: str, **options) -> d
     return {"steps": info["steps"], "wall_s": info["wall_s"], "rescores": info["rescores"],
             "evaluations": result.info["compute"]["proxy_evaluations"], "mode": info["mode"],
             "units": [t["unit"] for t in result.trajectory], "widths": result.widths,
+            "proxies": [t["proxy"] for t in result.trajectory], "prefix": info["prefix_reuse"],
             "accuracy": result.trajectory[-1].get("accuracy", float("nan")) if result.trajectory else float("nan")}
 
 
@@ -62,7 +67,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--budget-cheap", default="flops<=70%")
     parser.add_argument("--budget-accuracy", default="flops<=95%")
-    parser.add_argument("--parts", default="1,2,3", help="which of the three settings to run, e.g. 2")
+    parser.add_argument("--parts", default="1,2,3,4", help="which of the four settings to run, e.g. 2,4")
     parser.add_argument("--checkpoint", help="trained baseline (autoprune train) instead of untrained weights: "
                         "the screened and unscreened walks' agreement only means something on a trained net")
     args = parser.parse_args()
@@ -100,6 +105,26 @@ def main() -> None:
                   greedy_rescore=0, greedy_bn_batches=0)
         print(f"3. criterion without re-scoring, flops<=50%: {old['steps']} steps, {old['wall_s']:.1f} s "
               f"(with each step's accuracy recorded)")
+    if 4 in parts:
+        prefix(args, space, model, data, stats, scores, batches)
+
+
+def prefix(args, space, model, data, stats, scores, batches) -> None:
+    """Setting 4: the default (screened) accuracy mode without and with prefix reuse."""
+    walks = {}
+    for reuse in (False, True):
+        methods.greedy.REUSE_PREFIX = reuse
+        try:
+            walks[reuse] = acc = run(space, model, data, stats, scores, batches, args.budget_accuracy)
+        finally:
+            methods.greedy.REUSE_PREFIX = True
+        print(f"4. accuracy (default screen), prefix reuse {'on' if reuse else 'off'}, {args.budget_accuracy}: "
+              f"{acc['steps']} steps, {acc['evaluations']} masked evaluations, {acc['wall_s']:.1f} s "
+              f"({acc['wall_s'] / max(acc['steps'], 1):.2f} s/step); {acc['prefix']}")
+    off, on = (walks[r]["wall_s"] / max(walks[r]["steps"], 1) for r in (False, True))
+    same = all(walks[False][k] == walks[True][k] for k in ("units", "widths", "proxies"))
+    print(f"   with/without prefix reuse, time per step: {on:.2f} / {off:.2f} s = {on / off:.2f}x; "
+          f"walks {'identical (units, widths, accuracies)' if same else 'DIFFER'}")
 
 
 def screening(args, space, model, data, stats, scores, batches) -> None:

@@ -33,6 +33,9 @@ class Table:
         self.calls[kind] += 1
         return (self.quick if kind == "quick" else self.full).get(unit, 0.0)
 
+    def many(self, base, candidates, batches=None):
+        return [self(masks, batches) for _, masks in candidates]
+
 
 def _space():
     return _chain_space()[1]

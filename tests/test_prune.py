@@ -85,10 +85,18 @@ class _Recording(MaskedEvaluator):
         super().__init__(*args, **kwargs)
         self.seen = {}
 
-    def __call__(self, masks):
+    def _see(self, masks):
         widths = {**self.space.full_widths(), **{k: int(m.sum()) for k, m in masks.items()}}
         self.seen[tuple(sorted(widths.items()))] = {k: m.clone() for k, m in masks.items()}
-        return super().__call__(masks)
+
+    def __call__(self, masks, batches=None):
+        self._see(masks)
+        return super().__call__(masks, batches)
+
+    def many(self, base, candidates, batches=None):
+        for _, masks in candidates:
+            self._see(masks)
+        return super().many(base, candidates, batches)
 
 
 @pytest.mark.parametrize("case", ["tied", "clusters", "rescored"])

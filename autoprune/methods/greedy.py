@@ -55,11 +55,17 @@ WITHOUT_DATA = {"greedy_mode": "criterion", "greedy_rescore": 0}
 """The defaults that differ where the context has no model and data."""
 
 
+REUSE_PREFIX = True
+"""Whether candidate evaluations replay what their unit cannot change (:mod:`autoprune.greedy_prefix`).
+Exact, so not an option of the method; ``benchmarks/greedy.py`` sets it False to measure the saving."""
+
+
 def evaluator(model, space, data, seed: int, bn_batches: int) -> MaskedEvaluator:
     """Masked accuracy on the first validation batches, after adaptive BN on ``bn_batches``."""
     val = list(itertools.islice(loader(data.val, batch_size=256), VAL_BATCHES))
     train = list(itertools.islice(loader(data.train, batch_size=64, shuffle=True, seed=seed), bn_batches))
-    return MaskedEvaluator(model, space, val, train, bn_fn=lambda m, b: evaluate.adaptive_bn(m, b))
+    return MaskedEvaluator(model, space, val, train, bn_fn=lambda m, b: evaluate.adaptive_bn(m, b),
+                           reuse_prefix=REUSE_PREFIX)
 
 
 def _count(options: Mapping[str, Any], key: str, least: int = 0) -> None:
@@ -127,6 +133,7 @@ class Greedy(WidthMethod):
         plan = select(space, result.widths, scores=result.scores, clusters=context.clusters)
         info = {**result.info, "bn_batches": o["greedy_bn_batches"] if has_data else 0,
                 "val_batches": VAL_BATCHES if has_data else 0,
+                "prefix_reuse": dict(judge.prefix) if judge is not None else None,
                 "wall_s": round(time.perf_counter() - start, 3)}
         return WidthResult(result.widths, result.trajectory, plan=plan,
                            info={"greedy": info, "compute": {"proxy_evaluations": result.info["proxy_evaluations"]}},
