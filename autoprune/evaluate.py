@@ -31,6 +31,9 @@ __all__ = ["Diverged", "accuracy", "adaptive_bn", "distillation_loss", "evaluate
 
 Device = torch.device | str | None
 
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+"""The layers adaptive BN re-estimates (torch's public batch-norm classes; lazy ones become them once initialised)."""
+
 
 class Diverged(RuntimeError):
     """Proxy fine-tuning hit a non-finite loss at ``step`` (1-based); the trial has failed."""
@@ -59,7 +62,7 @@ def adaptive_bn(model: nn.Module, batches_or_dataset: DataBundle | Dataset | Ite
         raise OptionError(f"n_batches must be an integer >= 1, got {short(n_batches)}")
     device = torch.device(device) if device is not None else device_of(model)
     norms = [m for m in model.modules()
-             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+             if isinstance(m, BATCH_NORMS) and m.track_running_stats]
     momenta = [m.momentum for m in norms]
     model.to(device).eval()
     for m in norms:
