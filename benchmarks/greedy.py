@@ -13,7 +13,7 @@ what each step costs and what a full walk costs (untrained weights unless ``--ch
    walk to 70/50/30% FLOPs, how many first steps commit the same unit and the masked
    accuracy after the last step (only meaningful with ``--checkpoint``, a trained net);
 3. the old cheap mode: criterion mode without re-scoring (milliseconds per step);
-4. ``accuracy`` mode with the default screen, to ``--budget-accuracy``, without and with
+4. ``accuracy`` mode with the default screen (``--prefix-screen``: another), to ``--budget-accuracy``, without and with
    prefix reuse (:mod:`autoprune.greedy_prefix`; ``methods.greedy.REUSE_PREFIX``), side by
    side: time per step, the ratio, and whether the two walks are identical (they must be:
    the reuse is exact).
@@ -68,6 +68,8 @@ def main() -> None:
     parser.add_argument("--budget-cheap", default="flops<=70%")
     parser.add_argument("--budget-accuracy", default="flops<=95%")
     parser.add_argument("--parts", default="1,2,3,4", help="which of the four settings to run, e.g. 2,4")
+    parser.add_argument("--prefix-screen", type=int, default=None,
+                        help="setting 4's greedy_screen (default: the method's; 0: the authors' unscreened walk)")
     parser.add_argument("--checkpoint", help="trained baseline (autoprune train) instead of untrained weights: "
                         "the screened and unscreened walks' agreement only means something on a trained net")
     args = parser.parse_args()
@@ -115,10 +117,12 @@ def prefix(args, space, model, data, stats, scores, batches) -> None:
     for reuse in (False, True):
         methods.greedy.REUSE_PREFIX = reuse
         try:
-            walks[reuse] = acc = run(space, model, data, stats, scores, batches, args.budget_accuracy)
+            screen = {} if args.prefix_screen is None else {"greedy_screen": args.prefix_screen}
+            walks[reuse] = acc = run(space, model, data, stats, scores, batches, args.budget_accuracy, **screen)
         finally:
             methods.greedy.REUSE_PREFIX = True
-        print(f"4. accuracy (default screen), prefix reuse {'on' if reuse else 'off'}, {args.budget_accuracy}: "
+        screened = "default screen" if args.prefix_screen is None else f"greedy_screen={args.prefix_screen}"
+        print(f"4. accuracy ({screened}), prefix reuse {'on' if reuse else 'off'}, {args.budget_accuracy}: "
               f"{acc['steps']} steps, {acc['evaluations']} masked evaluations, {acc['wall_s']:.1f} s "
               f"({acc['wall_s'] / max(acc['steps'], 1):.2f} s/step); {acc['prefix']}")
     off, on = (walks[r]["wall_s"] / max(walks[r]["steps"], 1) for r in (False, True))
