@@ -24,15 +24,13 @@ from torch.utils.data import Dataset
 from .cost import fvcore_cost
 from .data import DataBundle, loader
 from .errors import DataError, OptionError, short
+from .layers import BATCH_NORM_TYPES
 from .train import LossFn, accuracy, cross_entropy, default_device, device_of, fit, sgd, sgd_steps
 
 __all__ = ["Diverged", "accuracy", "adaptive_bn", "distillation_loss", "evaluate", "finetune",
            "latency", "proxy_finetune"]
 
 Device = torch.device | str | None
-
-BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-"""The layers adaptive BN re-estimates (torch's public batch-norm classes; lazy ones become them once initialised)."""
 
 
 class Diverged(RuntimeError):
@@ -62,7 +60,7 @@ def adaptive_bn(model: nn.Module, batches_or_dataset: DataBundle | Dataset | Ite
         raise OptionError(f"n_batches must be an integer >= 1, got {short(n_batches)}")
     device = torch.device(device) if device is not None else device_of(model)
     norms = [m for m in model.modules()
-             if isinstance(m, BATCH_NORMS) and m.track_running_stats]
+             if isinstance(m, BATCH_NORM_TYPES) and m.track_running_stats]
     momenta = [m.momentum for m in norms]
     model.to(device).eval()
     for m in norms:

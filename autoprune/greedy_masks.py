@@ -61,6 +61,17 @@ def _apply_mask(out: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return out * mask  # channel-last layers (e.g. LayerNorm over the last dim)
 
 
+def _snapshot(buffers: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in buffers.items()}
+
+
+def _load(buffers: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> None:
+    """Copy ``state`` into the live ``buffers`` in place."""
+    with torch.no_grad():
+        for k, v in buffers.items():
+            v.copy_(state[k])
+
+
 class MaskedEvaluator:
     """Validation accuracy of a masked structure, after adaptive BN if given training batches.
 
@@ -89,9 +100,9 @@ class MaskedEvaluator:
         """Accuracy of the structure ``masks`` on the first ``batches`` validation batches (all
         when None), after adaptive BN when given training batches."""
         self.evaluations += 1
-        adapts = self.bn_fn is not None and bool(self.train_batches)
-        if adapts:
-            saved = {k: v.clone() for k, v in self.model.state_dict().items() if k.split(".")[-1] in BN_STATS}
+        if self.adapts:
+            buffers = self._bn_buffers()
+            saved = _snapshot(buffers)
             self.recalibrate(masks)
         correct = total = 0
         device = next(self.model.parameters()).device
@@ -99,9 +110,18 @@ class MaskedEvaluator:
             for x, y in self.val_batches[:batches]:
                 correct += (self.model(x.to(device)).argmax(1).cpu() == y).sum().item()
                 total += len(y)
-        if adapts:
-            self.model.load_state_dict(saved, strict=False)
+        if self.adapts:
+            _load(buffers, saved)
         return correct / max(total, 1)
+
+    @property
+    def adapts(self) -> bool:
+        """Whether a candidate's BN statistics are re-estimated before it is scored."""
+        return self.bn_fn is not None and bool(self.train_batches)
+
+    def _bn_buffers(self) -> dict[str, torch.Tensor]:
+        """The working copy's BN statistics (:data:`BN_STATS`), the live tensors."""
+        return {k: v for k, v in self.model.state_dict(keep_vars=True).items() if k.split(".")[-1] in BN_STATS}
 
     @torch.no_grad()
     def many(self, base: Mapping[str, torch.Tensor], candidates: Sequence[tuple[str, Mapping[str, torch.Tensor]]],
@@ -120,46 +140,39 @@ class MaskedEvaluator:
         plans = [self._order.clean(self.space.unit(unit)) for unit, _ in candidates]
         union = sorted(set().union(*plans))
         device = next(self.model.parameters()).device
-        adapts = self.bn_fn is not None and bool(self.train_batches)
-        buffers = {k: v for k, v in self.model.state_dict(keep_vars=True).items() if k.split(".")[-1] in BN_STATS}
-        saved = {k: v.detach().clone() for k, v in buffers.items()}
-        states = [saved] * len(candidates)
+        adapts = self.adapts
+        buffers = self._bn_buffers()
+        saved = _snapshot(buffers)
         if adapts:
             images = sum(len(b[0]) if isinstance(b, (tuple, list)) else len(b) for b in self.train_batches)
             train_cache = self._order.mb(union, images) <= PREFIX_CACHE_MB
             self.prefix["train_cache"] = train_cache
             with channel_masks(self.model, self.space, base), record(self.model, union if train_cache else []) as cache:
                 self.bn_fn(self.model, self.train_batches)  # the committed structure's statistics
-            base_state = {k: v.detach().clone() for k, v in buffers.items()}
+            base_state = _snapshot(buffers)
             states = []
             for (unit, masks), plan in zip(candidates, plans):
                 with channel_masks(self.model, self.space, masks), replay(self.model, plan if train_cache else [], cache):
                     self.bn_fn(self.model, self.train_batches)
-                states.append({k: v.detach().clone() for k, v in buffers.items()})
+                states.append(_snapshot(buffers))
         self.model.eval()
         correct, total = [0] * len(candidates), 0
         for x, y in self.val_batches[:batches]:
             x = x.to(device)
             if adapts:
-                self._load(buffers, base_state)
+                _load(buffers, base_state)
             with channel_masks(self.model, self.space, base), record(self.model, union) as cache:
                 self.model(x)
             for i, ((_, masks), plan) in enumerate(zip(candidates, plans)):
                 if adapts:
-                    self._load(buffers, states[i])
+                    _load(buffers, states[i])
                 with channel_masks(self.model, self.space, masks), replay(self.model, plan, cache):
                     correct[i] += (self.model(x).argmax(1).cpu() == y).sum().item()
             total += len(y)
-        self._load(buffers, saved)
+        _load(buffers, saved)
         self.prefix["candidates"] += len(candidates)
         self.prefix["reused"] += sum(bool(p) for p in plans)
         return [c / max(total, 1) for c in correct]
-
-    @staticmethod
-    def _load(buffers: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for k, v in buffers.items():
-                v.copy_(state[k])
 
     @property
     def n_batches(self) -> int:

@@ -52,8 +52,10 @@ class ExecutionOrder:
             t = tick()
             self.first_end.setdefault(name, t)
             self.last_end[name] = t
-            size = output[0].numel() if isinstance(output, torch.Tensor) and output.dim() else None
-            self.numel[name] = None if size is None or self.numel.get(name, 0) is None else self.numel.get(name, 0) + size
+            if not (isinstance(output, torch.Tensor) and output.dim()):
+                self.numel[name] = None  # never cached
+            elif self.numel.get(name, 0) is not None:
+                self.numel[name] = self.numel.get(name, 0) + output[0].numel()
 
         self.names = [name for name, _ in model.named_modules() if name]
         for name in self.names:

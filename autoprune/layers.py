@@ -15,6 +15,10 @@ ROOT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)
 """Normalisation layers pruned along with the channels they normalise."""
 
+BATCH_NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+"""The norms with running statistics (adaptive BN re-estimates them); torch's public classes,
+which lazy batch norms become once initialised."""
+
 
 def as_input_tuple(example_input: torch.Tensor | tuple) -> tuple:
     """A model's positional inputs: ``example_input`` itself if a tuple, else ``(example_input,)``."""

@@ -21,13 +21,13 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
+from ..layers import BATCH_NORM_TYPES
 from ..plan import Plan
 from ..space import Space, Unit
 
 __all__ = ["check_reproduces", "recover_plan"]
 
 NOT_A_PLAN = "not a Plan over autoprune's units"
-BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 def recover_plan(space: Space, dense: nn.Module, pruned: nn.Module, peer: str = "the peer") -> Plan:
@@ -79,7 +79,7 @@ def _batch_statistics_forward(model: nn.Module, images: torch.Tensor) -> torch.T
     """``model``'s outputs with its BN layers normalising by batch statistics (on a copy)."""
     model = copy.deepcopy(model).eval()
     for module in model.modules():
-        if isinstance(module, BATCH_NORMS):
+        if isinstance(module, BATCH_NORM_TYPES):
             module.train()
     with torch.no_grad():
         return model(images).float()
