@@ -132,43 +132,68 @@ def test_options_are_checked_before_any_work(monkeypatch):
             method.check(bad)
 
 
-def _fake_runs(monkeypatch, space, overshoot):
-    """``run`` replaced by a stand-in landing at ``overshoot(fraction)`` of the base FLOPs by
-    autoprune's count (channels shuffled as FastNAS does); returns the (fraction, checkpoint) calls."""
+def _fake_runs(monkeypatch, space, offset):
+    """``run`` replaced by a stand-in FastNAS whose own count of a subnet's FLOPs is
+    ``2 * (ours - offset * base)`` (a factor and an offset apart, as torchprofile's and ours): it
+    lands on the largest uniform-ratio subnet within its limit (a percentage of its count of the
+    dense model, or an absolute number), channels shuffled as FastNAS does. Returns the
+    (limit, checkpoint) calls."""
     import autoprune.methods.fastnas as fastnas_method
     from autoprune.budget import Budget
     from autoprune.peers.fastnas import Run
 
     monkeypatch.setattr(FastNAS, "available", classmethod(lambda cls: None))
+    base = space.cost().flops
     calls = []
 
-    def fake_run(model, data, kind, fraction, *, batches, divisor, checkpoint, seed, progress):
-        calls.append((fraction, checkpoint))
-        lands = Budget(kind, min(1.0, overshoot(fraction)), True)
+    def theirs(ours: float) -> float:
+        return 2 * (ours - offset * base)
+
+    def fake_run(model, data, kind, limit, *, batches, divisor, checkpoint, seed, progress):
+        calls.append((limit, checkpoint))
+        mine = float(limit[:-1]) / 100 * theirs(base) if isinstance(limit, str) else limit
+        lands = Budget(kind, min(1.0, (mine / 2 + offset * base) / base), True)
         widths = space.fit({u.name: 0.5 for u in space.units}, lands) if lands.value < 1 else {}
-        return Run(_permuted(ap.select(space, widths).apply(model), (1, 3, 8, 8), len(calls)), {}, 3)
+        pruned = _permuted(ap.select(space, widths).apply(model), (1, 3, 8, 8), len(calls))
+        return Run(pruned, {kind: theirs(space.cost(space.complete(widths)).flops)}, 3)
 
     monkeypatch.setattr(fastnas_method, "run", fake_run)
     return calls
 
 
-def test_an_overshoot_by_our_count_is_tightened_and_rerun_from_the_checkpoint(monkeypatch, tmp_path):
+def test_the_next_limit_solves_a_linear_relation_between_the_counts():
+    from autoprune.methods.fastnas import next_limit
+
+    ours = lambda theirs: 1000 + 0.5 * theirs  # an offset and a factor apart
+    one = [{"modelopt": 20000.0, "realized": ours(20000.0)}]
+    assert next_limit(one, 10000) == pytest.approx(20000 * 10000 / 11000)  # one landing: scaled
+    two = one + [{"modelopt": 18000.0, "realized": ours(18000.0)}]
+    assert next_limit(two, 10000) == pytest.approx(18000)  # the line through both: exact
+    assert ours(next_limit(two, 9000)) == pytest.approx(9000)
+    flat = one + [{"modelopt": 18000.0, "realized": 11000.0}]  # no rise: scaled from the last
+    assert next_limit(flat, 10000) == pytest.approx(18000 * 10000 / 11000)
+
+
+def test_an_overshoot_by_our_count_is_rerun_below_its_landing_from_the_checkpoint(monkeypatch, tmp_path):
     from autoprune.budget import Budget
-    from autoprune.methods.fastnas import ATTEMPTS
+    from autoprune.methods.fastnas import next_limit
 
     monkeypatch.chdir(tmp_path)
     model, data = _tiny(), ap.data.load("synthetic", image_size=8)
     space = ap.Space(model, torch.zeros(1, 3, 8, 8))
-    calls = _fake_runs(monkeypatch, space, lambda fraction: 1.1 * fraction)  # lands 10% over its limit
+    calls = _fake_runs(monkeypatch, space, offset=0.05)  # its 50% is about 52.5% of ours
     budget = Budget.parse("flops<=50%")
     result = methods.get("fastnas").widths(space, budget, methods.Context(model, data, space, budget,
                                                                          progress=False))
     target, base = budget.target(space), space.cost().flops
     tried = result.info["fastnas"]["attempts"]
-    assert 2 <= len(tried) == len(calls) <= ATTEMPTS and [t["fraction"] for t in tried] == [c[0] for c in calls]
-    assert tried[0]["fraction"] == target / base and tried[0]["realized"] > target >= tried[-1]["realized"]
-    for before, after in itertools.pairwise(tried):  # each run's limit tightened by the last overshoot
-        assert after["fraction"] == pytest.approx(before["fraction"] * target / before["realized"])
+    assert [t["limit"] for t in tried] == [c[0] for c in calls] and tried[0]["limit"] == f"{100 * target / base!r}%"
+    assert tried[0]["realized"] > target >= tried[-1]["realized"]
+    # scaling the percentage by each overshoot converges slowly across an offset; the secant needs <= 3
+    assert 2 <= len(tried) <= 3
+    for k in range(1, len(tried)):  # each limit below the last landing, from the runs before it
+        assert tried[k]["limit"] == pytest.approx(next_limit(tried[:k], target))
+        assert tried[k]["limit"] < tried[k - 1]["modelopt"]
     assert space.cost(result.widths).flops == tried[-1]["realized"] == result.info["fastnas"]["realized"]["autoprune"]
     assert result.info["compute"] == {"proxy_evaluations": 3 * len(calls)}
     checkpoints = {c[1] for c in calls}  # one checkpoint, in a temporary folder removed afterwards
@@ -183,7 +208,7 @@ def test_fastnas_always_over_the_budget_is_an_error(monkeypatch):
 
     model, data = _tiny(), ap.data.load("synthetic", image_size=8)
     space = ap.Space(model, torch.zeros(1, 3, 8, 8))
-    calls = _fake_runs(monkeypatch, space, lambda fraction: 1.0)  # prunes nothing, whatever the limit
+    calls = _fake_runs(monkeypatch, space, offset=0.6)  # its smallest limit is above ours at 50%
     budget = Budget.parse("flops<=50%")
     with pytest.raises(BudgetError, match="FastNAS overshot budget flops<=50%") as info:
         methods.get("fastnas").widths(space, budget, methods.Context(model, data, space, budget, progress=False))
@@ -192,7 +217,7 @@ def test_fastnas_always_over_the_budget_is_an_error(monkeypatch):
 
 @pytest.mark.slow
 def test_fastnas_through_prune_meets_the_budget_and_its_plan_is_fastnas_network(monkeypatch):
-    """About 2 minutes on one CPU thread: ModelOpt's import, ~15 scored candidates."""
+    """About 2 minutes on one CPU thread: ModelOpt's import, ~15 scored candidates, reruns from its checkpoint."""
     pytest.importorskip("modelopt")
     import autoprune.methods.fastnas as fastnas_method
     import autoprune.peers.fastnas as fastnas_peer
@@ -201,6 +226,9 @@ def test_fastnas_through_prune_meets_the_budget_and_its_plan_is_fastnas_network(
     runs, scored = [], []
     original_run, original_accuracy = fastnas_method.run, fastnas_peer.accuracy
     monkeypatch.setattr(fastnas_method, "run", lambda *a, **kw: runs.append(original_run(*a, **kw)) or runs[-1])
+    # its first limit 30% above the budget, so that ModelOpt's own rerun from the checkpoint with
+    # an absolute limit (method fastnas's tightening) is exercised as well
+    monkeypatch.setattr(fastnas_method, "percent", lambda fraction: fastnas_peer.percent(1.3 * fraction))
     monkeypatch.setattr(fastnas_peer, "accuracy",
                         lambda *a, **kw: scored.append(1) or original_accuracy(*a, **kw))
     data = ap.data.load("digits", image_size=8)
@@ -219,6 +247,11 @@ def test_fastnas_through_prune_meets_the_budget_and_its_plan_is_fastnas_network(
     assert report["compute"]["proxy_evaluations"] == len(scored) == report["fastnas"]["score_calls"] > 0
     assert report["fastnas"]["wall_s"] > 0 and report["fastnas"]["channel_divisor"] == 8
     assert result.plan.keep, "FastNAS pruned nothing at flops<=50%"
+    tried = report["fastnas"]["attempts"]
+    assert tried[0]["limit"] == "65.0%" and tried[0]["realized"] > report["budget"]["target"] and len(tried) > 1
+    for before, after in itertools.pairwise(tried):  # absolute limits in its own count, each below its last landing
+        assert isinstance(after["limit"], float) and after["limit"] < before["modelopt"]
+        assert after["modelopt"] <= after["limit"]
 
     # the Plan applied to the dense model is FastNAS's network: equal outputs once both re-estimate
     # their BN statistics on the same batches (FastNAS's copy holds its own re-estimated ones)

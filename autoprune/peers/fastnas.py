@@ -7,8 +7,8 @@ meets the constraint, which it treats as an upper bound (it may land well below)
 score it re-estimates BN statistics on the last 50 batches of its ``data_loader`` (fewer: it
 warns and scores stale statistics, refused here). Width choices are 5%..100% of a dimension,
 rounded to ``divisor`` channels (its default, 32, leaves 16-channel layers nothing to choose).
-Its FLOPs are torchprofile's multiply-adds times 2 (BN excluded); the limit is handed over as a
-fraction of its own count of the dense model. Needs the ``peers`` extra (:func:`missing`).
+Its FLOPs are torchprofile's multiply-adds times 2 (BN excluded); the limit is handed over in
+its own count: a percentage of the dense model's, or an absolute upper bound. Needs the ``peers`` extra (:func:`missing`).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from ..data import DataBundle
 from ..errors import BudgetError, OptionError
 from ..evaluate import accuracy, training_batches
 
-__all__ = ["INSTALL", "MIN_BATCHES", "Batches", "Run", "missing", "run"]
+__all__ = ["INSTALL", "MIN_BATCHES", "Batches", "Run", "missing", "percent", "run"]
 
 INSTALL = 'pip install -e ".[peers]"'
 """How to install what :func:`run` needs (pyproject.toml's ``peers`` extra)."""
@@ -95,10 +95,15 @@ class Batches:
         return self.n
 
 
-def run(model: nn.Module, data: DataBundle, kind: str, fraction: float, *, batches: int, divisor: int,
+def percent(fraction: float) -> str:
+    """A fraction of the dense model as ModelOpt's percentage constraint (``"50.0%"``)."""
+    return f"{100 * fraction!r}%"
+
+
+def run(model: nn.Module, data: DataBundle, kind: str, limit: str | float, *, batches: int, divisor: int,
         checkpoint: str, seed: int, progress: bool) -> Run:
-    """FastNAS on ``model`` (changed in place) at most ``fraction`` of its own count of
-    ``kind`` (flops or params), scoring candidates by accuracy on ``data.val`` after BN
+    """FastNAS on ``model`` (changed in place) with at most ``limit`` of ``kind`` (flops or
+    params) by its own count (a :func:`percent` of the dense model's, or an absolute number), scoring candidates by accuracy on ``data.val`` after BN
     re-estimation on ``batches`` training batches; ``checkpoint`` keeps the search state (a
     later run on an equal model reuses its sensitivity map)."""
     import modelopt.torch.prune as mtp
@@ -117,7 +122,7 @@ def run(model: nn.Module, data: DataBundle, kind: str, fraction: float, *, batch
     with quiet, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            pruned, state = mtp.prune(model, mode=[("fastnas", rules)], constraints={kind: f"{100 * fraction!r}%"},
+            pruned, state = mtp.prune(model, mode=[("fastnas", rules)], constraints={kind: limit},
                                       dummy_input=dummy,
                                       config={"data_loader": Batches(data.train, batches, seed),
                                               "max_iter_data_loader": batches, "score_func": score,
@@ -125,7 +130,7 @@ def run(model: nn.Module, data: DataBundle, kind: str, fraction: float, *, batch
         except ValueError as error:
             if UNSATISFIABLE not in str(error):
                 raise
-            raise BudgetError(f"FastNAS cannot reach {kind}<={100 * fraction:.4g}% of its own count with channel "
+            raise BudgetError(f"FastNAS cannot reach {kind}<={limit} by its own count with channel "
                               f"divisor {divisor} (its smallest subnet is larger); use a milder budget or a smaller "
                               "fastnas_divisor") from None
     if any(STALE_BN in str(w.message) for w in caught):
