@@ -21,6 +21,9 @@
 #  - the authors' DI greedy in 2%-of-FLOPs steps (the authors use 0.5%; 4x fewer steps);
 #  - search, random and search_widths: resnet_cifar space, 16 trials, 2 workers (1 thread each).
 # Copy results.*, fidelity.* and the plots to docs/results/fashion_mnist_MODEL/ when it finishes.
+#
+# Per-model choices (environment, defaults for ResNet-20): BASE_EPOCHS (15), GREEDY_STEP
+# (0.02), SECOND_BUDGET (30%; empty: phases 4-6 skipped). fashion_mnist_resnet56.sh sets them.
 set -euo pipefail
 export RAY_AUTH_MODE=disabled
 model=${1:?usage: experiments/fashion_mnist.sh MODEL [OUT]}
@@ -29,11 +32,11 @@ ap=${AUTOPRUNE:-autoprune}
 mkdir -p "$out"
 base="$out/base.pt"
 if [ ! -f "$base" ]; then
-    $ap train --model "$model" --data fashion-mnist --image-size 16 --epochs 15 --seed 0 \
+    $ap train --model "$model" --data fashion-mnist --image-size 16 --epochs "${BASE_EPOCHS:-15}" --seed 0 \
         --out "$base" --no-progress
 fi
 common=(--checkpoint "$base" --data fashion-mnist --image-size 16 --train-size 10000 --seeds 0 1 2 3 4
-        --epochs 2 --greedy-step 0.02 --space resnet_cifar --trials 16 --workers 2 --out "$out" --no-progress)
+        --epochs 2 --greedy-step "${GREEDY_STEP:-0.02}" --space resnet_cifar --trials 16 --workers 2 --out "$out" --no-progress)
 arms=uniform,greedy,wsp,tp_global,random,search_widths,search
 fidelity() {  # proxy fidelity at one budget, into its own folder (skipped once finished)
     [ -f "$out/fidelity-${1%\%}/fidelity.json" ] && return 0
@@ -43,6 +46,8 @@ fidelity() {  # proxy fidelity at one budget, into its own folder (skipped once 
 time $ap compare "${common[@]}" --flops 50% --methods "$arms"
 fidelity 50%
 time $ap compare "${common[@]}" --flops 50% --methods "$arms,selfgroup,fastnas"
-time $ap compare "${common[@]}" --flops 50% 30% --methods "$arms,fastnas"
-fidelity 30%
-time $ap compare "${common[@]}" --flops 50% 30% --methods "$arms,selfgroup,fastnas"
+second=${SECOND_BUDGET-30%}
+[ -n "$second" ] || exit 0
+time $ap compare "${common[@]}" --flops 50% "$second" --methods "$arms,fastnas"
+fidelity "$second"
+time $ap compare "${common[@]}" --flops 50% "$second" --methods "$arms,selfgroup,fastnas"
