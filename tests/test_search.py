@@ -29,6 +29,7 @@ from autoprune.search.space import SearchSpace, Section, load
 from autoprune.search.trial import PENALTY, Shared, _chunked_proxy_finetune, evaluate_candidate, rungs
 from autoprune.search.trials import (STATES, best_trial, importances, pareto_front, rebuild_study, trial_fields,
                                      trial_row)
+from autoprune.selfgroup_layers import DiverseGroupLayer
 
 TINY = """\
 ratios:
@@ -535,11 +536,11 @@ def test_trials_request_fractional_gpus_only_where_present():
 
 
 @pytest.mark.slow
-def test_multi_objective_search_draws_a_pareto_front(tiny, trained, tmp_path):
+def test_multi_objective_search_with_selfgrouping_draws_a_pareto_front(tiny, trained, tmp_path):
     model, data = trained
     tiny.write_text(TINY.replace("sampler: {name: tpe, n_startup_trials: 4}",
                                  "sampler: {name: nsga2, population_size: 4}")
-                    + "objective: accuracy_flops\nbudget_scale: [0.5, 1.0]\n")
+                    + "objective: accuracy_flops\nbudget_scale: [0.5, 1.0]\nselfgroup: {k: [2], cp: [0.2, 0.6]}\n")
     out = tmp_path / "run"
     report = search(model, data, "flops<=50%", space=tiny, trials=6, workers=2, finetune_epochs=0,
                        out=out, progress=False).report
@@ -553,3 +554,10 @@ def test_multi_objective_search_draws_a_pareto_front(tiny, trained, tmp_path):
                        for o in rows if o["state"] == "COMPLETE")
     assert report["search"]["metrics"] == ["proxy_score", "flops"]
     assert (out / "pareto.png").stat().st_size > 1000
+    # the self-grouping searched too: the report says it as method selfgroup's does, and the
+    # saved model is grouped (its FLOPs recounted by fvcore, as the report's)
+    assert report["selfgroup"] == report["candidate"]["selfgroup"] and report["selfgroup"]["k"] == 2
+    assert 0.2 <= report["selfgroup"]["cp"] <= 0.6
+    again = ap.load(out / "model.pt")
+    assert any(isinstance(m, DiverseGroupLayer) for m in again.modules())
+    assert report["pruned"]["flops"] == ap.fvcore_cost(again, torch.zeros(1, *data.input_shape)).flops

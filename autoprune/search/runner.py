@@ -406,7 +406,9 @@ def _search(run: _Run, model, data, address, finetune_epochs, lr, distill, calib
     imp, why = importances(rows, spec, space, seed)
     report.update(
         method=run.method, criterion=cand.mix, clusters=cand.cluster_method, seed=seed,
-        candidate=cand.as_dict(), selfgroup=bool(plan.selfgroup), trajectory=[],
+        candidate=cand.as_dict(), trajectory=[],
+        # as method selfgroup's report: the grouping's k and cp, or None where the space has none
+        selfgroup={"k": int(cand.selfgroup["k"]), "cp": float(cand.selfgroup["cp"])} if plan.selfgroup else None,
         trials=rows, best_trial=best, seeds=fields["seeds"], importances=imp,
         search={"space": spec.as_dict(), "objective": spec.objective, "metrics": names, "modes": modes,
                 "trials_requested": run.trials, "workers": run.workers, "resources_per_trial": request,
