@@ -64,9 +64,11 @@ def test_compare_tiny(trained, tmp_path):
 
 @pytest.mark.slow
 def test_compare_with_search(trained, tmp_path):
+    """The search as an arm beside uniform at two budgets (the other width arms at these budgets:
+    test_compare_tiny; every arm at one budget: test_every_arm_meets_an_aggressive_budget)."""
     model, data = trained
     (tmp_path / "tiny.yaml").write_text(TINY_SPACE)
-    methods = ("uniform", "greedy", "wsp", "tp_global", "search")
+    methods = ("uniform", "search")
     results = compare(model, data, budgets=("flops<=60%", "flops<=40%"), methods=methods, seeds=(0,),
                       finetune_epochs=0, out=tmp_path, progress=False, calib_images=64, bn_batches=3,
                       space=tmp_path / "tiny.yaml", trials=3, workers=2, greedy_step=0.05)
