@@ -390,9 +390,12 @@ def markdown(summary: list[dict], tests: "list[dict] | None" = None, reference: 
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     lines += [f"Accuracy: test accuracy after the final fine-tune, over seeds; {level} CI: the t-interval "
-              "of the mean (none for one seed). wall s: a run's wall time; proxy evals: candidate structures "
-              "the method scored (— where the method does not report it); search cost ÷ fine-tune: the "
-              "method's own time before the final fine-tune divided by the fine-tune's (— without one)."]
+              "of the mean (none for one seed). FLOPs (ratio), params: the largest over the seeds (each run "
+              "is bounded by the budget; per seed in results.csv). Latency: the median over the seeds; wall "
+              "s, proxy evals, fine-tunes, fine-tune s, search cost: means. wall s: a run's wall time; proxy "
+              "evals: candidate structures the method scored (— where the method does not report it); search "
+              "cost ÷ fine-tune: the method's own time before the final fine-tune divided by the fine-tune's "
+              "(— without one)."]
     if with_tests and tests:
         lines += ["", f"p: two-sided paired t-test of {reference} against the arm over the seeds both ran "
                   "(same seed = same calibration images and fine-tune order); p-values are uncorrected. "
