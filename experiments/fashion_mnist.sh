@@ -23,7 +23,8 @@
 # Copy results.*, fidelity.* and the plots to docs/results/fashion_mnist_MODEL/ when it finishes.
 #
 # Per-model choices (environment, defaults for ResNet-20): BASE_EPOCHS (15), GREEDY_STEP
-# (0.02), SECOND_BUDGET (30%; empty: phases 4-6 skipped). fashion_mnist_resnet56.sh sets them.
+# (0.02), SECOND_BUDGET (30%; empty: phases 4-6 skipped), ARMS (the arms of phases 1 and 4, in
+# the order they run). fashion_mnist_resnet56.sh sets them.
 set -euo pipefail
 export RAY_AUTH_MODE=disabled
 model=${1:?usage: experiments/fashion_mnist.sh MODEL [OUT]}
@@ -37,7 +38,7 @@ if [ ! -f "$base" ]; then
 fi
 common=(--checkpoint "$base" --data fashion-mnist --image-size 16 --train-size 10000 --seeds 0 1 2 3 4
         --epochs 2 --greedy-step "${GREEDY_STEP:-0.02}" --space resnet_cifar --trials 16 --workers 2 --out "$out" --no-progress)
-arms=uniform,greedy,wsp,tp_global,random,search_widths,search
+arms=${ARMS:-uniform,greedy,wsp,tp_global,random,search_widths,search}
 fidelity() {  # proxy fidelity at one budget, into its own folder (skipped once finished)
     [ -f "$out/fidelity-${1%\%}/fidelity.json" ] && return 0
     time $ap fidelity --checkpoint "$base" --data fashion-mnist --image-size 16 --train-size 10000 \

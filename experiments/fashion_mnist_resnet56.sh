@@ -4,6 +4,8 @@
 # machine, measured: one baseline epoch takes ~8.7 min on one thread (the other core busy), so 10
 # epochs (~1.5 h); the greedy scores every unit's candidate at every step (3x the units, each 3x
 # the cost), so 5%-of-FLOPs steps (10 steps to 50%, projected ~16 min a run; ResNet-20 uses
-# 2%); 50% only (a second budget would double the time of the 50% phases).
+# 2%); 50% only (a second budget would double the time of the 50% phases); the greedy runs
+# last in phase 1, so that an interrupted first session has finished the cheaper arms.
+ARMS=${ARMS:-uniform,wsp,tp_global,random,search_widths,search,greedy} \
 BASE_EPOCHS=${BASE_EPOCHS:-10} GREEDY_STEP=${GREEDY_STEP:-0.05} SECOND_BUDGET=${SECOND_BUDGET-} \
     exec "$(dirname "$0")/fashion_mnist.sh" resnet56 "$@"
