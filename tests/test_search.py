@@ -528,6 +528,25 @@ def test_diverged_trial_is_penalised_and_crashed_worker_retried(tiny, trained, t
     assert result.report["search"]["states"]["FAIL"] == 1
 
 
+@pytest.mark.slow
+def test_a_local_ray_runs_its_workers_at_the_driver_niceness(monkeypatch):
+    """Ray adds 15 to its workers' niceness unless told otherwise: beside any busy process the
+    trials would starve. The local Ray autoprune starts keeps them at the driver's."""
+    import ray
+
+    from autoprune.search.ray_tune import WORKER_NICENESS, ray_session
+
+    monkeypatch.setenv(WORKER_NICENESS, "15")
+    monkeypatch.delenv(WORKER_NICENESS)  # unset now; restored to what it was afterwards
+
+    def niceness():
+        return os.nice(0)
+
+    with ray_session(None, num_cpus=1, progress=False) as info:
+        worker = ray.get(ray.remote(niceness).remote())
+    assert info["worker_niceness"] == "0" and worker == os.nice(0)
+
+
 def test_trials_request_fractional_gpus_only_where_present():
     assert resources(2, 1, gpus=True) == {"cpu": 1, "gpu": 0.5}
     assert resources(4, 2, gpus=True) == {"cpu": 2, "gpu": 0.25}

@@ -25,6 +25,7 @@ __all__ = ["check_reachable", "error_line", "finished_result", "gpus_available",
            "read_snapshot", "resources", "result_rows", "sigint_watch", "trainable", "trial_dirname",
            "tune_snapshot", "tune_state_problem"]
 
+WORKER_NICENESS = "RAY_worker_niceness"  # Ray's setting: the niceness its workers add to their own
 TUNE_STATE_GLOB = "experiment_state-*.json"  # Tune's trial snapshots in the experiment, one per session
 METRIC_KEYS = ("proxy_score", "proxy_steps", "final", "diverged", "flops", "params",
                "budget_scale", "node", "number", "started_at", "time_prepare_s", "time_compute_s",
@@ -66,10 +67,15 @@ def ray_session(address: str | None, num_cpus: int, progress: bool) -> Iterator[
         info = {"address": address, "started": False}
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        # Ray renices its workers by +15 (RAY_worker_niceness), so that on a busy machine the
+        # trials, which are this job's work, starve: a 6-trial search beside two busy processes
+        # took 13x its idle time (benchmarks/ray_niceness.py). Ours keep the driver's niceness
+        # unless the variable is set; it is read when the raylet and its workers start.
+        niceness = os.environ.setdefault(WORKER_NICENESS, "0")
         # address="local": a Ray of our own even if a cluster (or RAY_ADDRESS) is around
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
                  log_to_driver=progress, configure_logging=False)
-        info = {"address": "local", "started": True}
+        info = {"address": "local", "started": True, "worker_niceness": niceness}
     try:
         yield info
     finally:
