@@ -2,6 +2,7 @@
 
 import gzip
 import os
+import signal
 import struct
 
 import numpy as np
@@ -10,6 +11,12 @@ import torch
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+# A suite started in the background by a non-interactive shell (`.ci/run &`) inherits SIGINT
+# ignored, and Python then raises no KeyboardInterrupt: the Ctrl-C tests need Python's default
+# handler (their subprocesses then start with SIGINT's default disposition too).
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_addoption(parser):

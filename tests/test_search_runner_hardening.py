@@ -17,7 +17,8 @@ from test_search import tiny  # noqa: F401
 from autoprune import checkpoint, cli
 from autoprune.budget import Budget
 from autoprune.errors import AutopruneError
-from autoprune.search.ray_tune import finished_result, ray_session, sigint_watch, tune_snapshot, tune_state_problem
+from autoprune.search.ray_tune import (WORKER_NICENESS, finished_result, ray_session, sigint_watch, tune_snapshot,
+                                      tune_state_problem)
 from autoprune.search.runner import SETTINGS_FILE, TUNE_DIR, _record, _Run, _settings, search
 from autoprune.search.searcher import OptunaSearcher, read_searcher_state
 from autoprune.search.space import load
@@ -180,12 +181,19 @@ def test_local_ray_is_its_own(monkeypatch):
     monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
     monkeypatch.setattr(ray, "shutdown", lambda: calls.append("shutdown"))
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    monkeypatch.setenv(WORKER_NICENESS, "")
+    monkeypatch.delenv(WORKER_NICENESS)  # unset here, restored afterwards
     with ray_session(None, num_cpus=2, progress=False) as info:
-        assert info == {"address": "local", "started": True}
+        # its workers at the driver's niceness, set before ray.init starts the raylet
+        assert info == {"address": "local", "started": True, "worker_niceness": "0"}
+        assert os.environ[WORKER_NICENESS] == "0"
     init = calls[0]
     assert init["address"] == "local" and init["num_cpus"] == 2
     assert init["include_dashboard"] is False and init["_node_ip_address"] == "127.0.0.1"
     assert calls[1] == "shutdown"
+    monkeypatch.setenv(WORKER_NICENESS, "5")  # the user's own setting is kept
+    with ray_session(None, num_cpus=2, progress=False) as info:
+        assert info["worker_niceness"] == "5" and os.environ[WORKER_NICENESS] == "5"
 
 
 # --------------------------------------------------------------------------- search.json
