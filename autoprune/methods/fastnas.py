@@ -54,14 +54,13 @@ def next_limit(tried: list[dict], target: float) -> float:
     factor), or scaled by the last overshoot where there is one landing or the line does not rise.
     Always below the last landing in ModelOpt's count, so the same subnet cannot be chosen again."""
     last = tried[-1]
-    limit = last["modelopt"] * target / last["realized"]
-    if len(tried) > 1:
+    if len(tried) > 1 and last["modelopt"] != tried[-2]["modelopt"]:
         before = tried[-2]
-        if last["modelopt"] != before["modelopt"]:
-            slope = (last["realized"] - before["realized"]) / (last["modelopt"] - before["modelopt"])
-            if slope > 0 and last["modelopt"] + (target - last["realized"]) / slope > 0:
-                limit = last["modelopt"] + (target - last["realized"]) / slope
-    return limit
+        slope = (last["realized"] - before["realized"]) / (last["modelopt"] - before["modelopt"])
+        secant = last["modelopt"] + (target - last["realized"]) / slope if slope > 0 else 0.0
+        if secant > 0:
+            return secant
+    return last["modelopt"] * target / last["realized"]
 
 
 class FastNAS(WidthMethod):

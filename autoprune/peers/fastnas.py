@@ -8,7 +8,8 @@ score it re-estimates BN statistics on the last 50 batches of its ``data_loader`
 warns and scores stale statistics, refused here). Width choices are 5%..100% of a dimension,
 rounded to ``divisor`` channels (its default, 32, leaves 16-channel layers nothing to choose).
 Its FLOPs are torchprofile's multiply-adds times 2 (BN excluded); the limit is handed over in
-its own count: a percentage of the dense model's, or an absolute upper bound. Needs the ``peers`` extra (:func:`missing`).
+its own count: a percentage of the dense model's, or an absolute upper bound. Needs the
+``peers`` extra (:func:`missing`).
 """
 
 from __future__ import annotations
@@ -103,9 +104,10 @@ def percent(fraction: float) -> str:
 def run(model: nn.Module, data: DataBundle, kind: str, limit: str | float, *, batches: int, divisor: int,
         checkpoint: str, seed: int, progress: bool) -> Run:
     """FastNAS on ``model`` (changed in place) with at most ``limit`` of ``kind`` (flops or
-    params) by its own count (a :func:`percent` of the dense model's, or an absolute number), scoring candidates by accuracy on ``data.val`` after BN
-    re-estimation on ``batches`` training batches; ``checkpoint`` keeps the search state (a
-    later run on an equal model reuses its sensitivity map)."""
+    params) by its own count (a :func:`percent` of the dense model's, or an absolute number),
+    scoring candidates by accuracy on ``data.val`` after BN re-estimation on ``batches``
+    training batches; ``checkpoint`` keeps the search state (a later run on an equal model
+    reuses its sensitivity map)."""
     import modelopt.torch.prune as mtp
 
     calls = 0
