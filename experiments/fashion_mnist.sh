@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fashion-MNIST comparison for one CIFAR-style model: every arm at 50% and 30% of the FLOPs,
+# Fashion-MNIST comparison for one CIFAR-style model: every arm at 50% (and SECOND_BUDGET) of the FLOPs,
 # 5 seeds, paired statistics, compute accounting, then FastNAS and proxy fidelity (24
 # structures per budget). Usage: experiments/fashion_mnist.sh MODEL [OUT].
 #

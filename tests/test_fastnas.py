@@ -132,14 +132,16 @@ def test_options_are_checked_before_any_work(monkeypatch):
             method.check(bad)
 
 
-def _fake_runs(monkeypatch, space, offset):
+def _fake_runs(monkeypatch, space, offset, floor=0.0):
     """``run`` replaced by a stand-in FastNAS whose own count of a subnet's FLOPs is
     ``2 * (ours - offset * base)`` (a factor and an offset apart, as torchprofile's and ours): it
     lands on the largest uniform-ratio subnet within its limit (a percentage of its count of the
-    dense model, or an absolute number), channels shuffled as FastNAS does. Returns the
-    (limit, checkpoint) calls."""
+    dense model, or an absolute number), channels shuffled as FastNAS does; a limit below
+    ``floor`` times its dense count is refused as ModelOpt does (BudgetError from the peer).
+    Returns the (limit, checkpoint) calls."""
     import autoprune.methods.fastnas as fastnas_method
     from autoprune.budget import Budget
+    from autoprune.errors import BudgetError
     from autoprune.peers.fastnas import Run
 
     monkeypatch.setattr(FastNAS, "available", classmethod(lambda cls: None))
@@ -152,6 +154,8 @@ def _fake_runs(monkeypatch, space, offset):
     def fake_run(model, data, kind, limit, *, batches, divisor, checkpoint, seed, progress):
         calls.append((limit, checkpoint))
         mine = float(limit[:-1]) / 100 * theirs(base) if isinstance(limit, str) else limit
+        if mine < floor * theirs(base):
+            raise BudgetError(f"FastNAS cannot reach {kind}<={limit} by its own count")
         lands = Budget(kind, min(1.0, (mine / 2 + offset * base) / base), True)
         widths = space.fit({u.name: 0.5 for u in space.units}, lands) if lands.value < 1 else {}
         pruned = _permuted(ap.select(space, widths).apply(model), (1, 3, 8, 8), len(calls))
@@ -167,8 +171,8 @@ def test_the_next_limit_solves_a_linear_relation_between_the_counts():
     ours = lambda theirs: 1000 + 0.5 * theirs  # an offset and a factor apart
     one = [{"modelopt": 20000.0, "realized": ours(20000.0)}]
     assert next_limit(one, 10000) == pytest.approx(20000 * 10000 / 11000)  # one landing: scaled
-    two = one + [{"modelopt": 18000.0, "realized": ours(18000.0)}]
-    assert next_limit(two, 10000) == pytest.approx(18000)  # the line through both: exact
+    two = one + [{"modelopt": 18000.0, "realized": ours(18000.0)}]  # both over a target of 9000
+    assert next_limit(two, 9000) == pytest.approx(16000)  # the line through both: exact, below 18000
     assert ours(next_limit(two, 9000)) == pytest.approx(9000)
     flat = one + [{"modelopt": 18000.0, "realized": 11000.0}]  # no rise: scaled from the last
     assert next_limit(flat, 10000) == pytest.approx(18000 * 10000 / 11000)
@@ -199,6 +203,28 @@ def test_an_overshoot_by_our_count_is_rerun_below_its_landing_from_the_checkpoin
     checkpoints = {c[1] for c in calls}  # one checkpoint, in a temporary folder removed afterwards
     assert len(checkpoints) == 1 and not any(tmp_path.iterdir())
     assert not os.path.exists(next(iter(checkpoints)))
+
+
+def test_a_rerun_limit_below_its_smallest_subnet_is_raised_halfway_back(monkeypatch):
+    import autoprune.methods.fastnas as fastnas_method
+    from autoprune.budget import Budget
+    from autoprune.errors import BudgetError
+
+    model, data = _tiny(), ap.data.load("synthetic", image_size=8)
+    space = ap.Space(model, torch.zeros(1, 3, 8, 8))
+    _fake_runs(monkeypatch, space, offset=0.05, floor=0.2)  # its subnets: >= 20% of its own count
+    monkeypatch.setattr(fastnas_method, "next_limit", lambda tried, target: 0.1 * tried[-1]["modelopt"])
+    budget = Budget.parse("flops<=50%")
+    result = methods.get("fastnas").widths(space, budget, methods.Context(model, data, space, budget,
+                                                                         progress=False))
+    tried = result.info["fastnas"]["attempts"]
+    assert tried[0]["realized"] > budget.target(space) and tried[1].get("unsatisfiable")
+    assert tried[2]["limit"] == pytest.approx((tried[1]["limit"] + tried[0]["modelopt"]) / 2)
+    assert tried[-1]["realized"] == space.cost(result.widths).flops <= budget.target(space)
+    # the budget itself below its smallest subnet: unreachable, raised from the first run
+    _fake_runs(monkeypatch, space, offset=0.05, floor=0.9)
+    with pytest.raises(BudgetError, match="cannot reach"):
+        methods.get("fastnas").widths(space, budget, methods.Context(model, data, space, budget, progress=False))
 
 
 def test_fastnas_always_over_the_budget_is_an_error(monkeypatch):

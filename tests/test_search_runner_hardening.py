@@ -183,17 +183,19 @@ def test_local_ray_is_its_own(monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
     monkeypatch.setenv(WORKER_NICENESS, "")
     monkeypatch.delenv(WORKER_NICENESS)  # unset here, restored afterwards
+    seen = []
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw) or seen.append(os.environ.get(WORKER_NICENESS)))
     with ray_session(None, num_cpus=2, progress=False) as info:
-        # its workers at the driver's niceness, set before ray.init starts the raylet
+        # its workers at the driver's niceness: set while ray.init starts the raylet, not after
         assert info == {"address": "local", "started": True, "worker_niceness": "0"}
-        assert os.environ[WORKER_NICENESS] == "0"
+        assert seen == ["0"] and WORKER_NICENESS not in os.environ
     init = calls[0]
     assert init["address"] == "local" and init["num_cpus"] == 2
     assert init["include_dashboard"] is False and init["_node_ip_address"] == "127.0.0.1"
     assert calls[1] == "shutdown"
     monkeypatch.setenv(WORKER_NICENESS, "5")  # the user's own setting is kept
     with ray_session(None, num_cpus=2, progress=False) as info:
-        assert info["worker_niceness"] == "5" and os.environ[WORKER_NICENESS] == "5"
+        assert info["worker_niceness"] == "5" and seen[-1] == "5" and os.environ[WORKER_NICENESS] == "5"
 
 
 # --------------------------------------------------------------------------- search.json

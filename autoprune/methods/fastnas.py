@@ -14,9 +14,10 @@ The budget is handed to FastNAS as the same fraction of its own count of the den
 treats as an upper bound. Its landing is recounted with autoprune's cost model; if that
 overshoots the target FastNAS is re-run from its checkpoint (its sensitivity map kept, so only
 the cheap threshold search repeats) with an absolute limit in its own count below its last
-landing (:func:`next_limit`), at most :data:`ATTEMPTS` runs. (Tightening the percentage by the
-overshoot alone was not enough on Fashion-MNIST ResNet-20: the two counts differ by an offset,
-not a factor, and 4 runs all landed at 50.07% for 3 of 5 seeds.) ``info["fastnas"]`` records
+landing (:func:`next_limit`; a limit below its smallest subnet is raised halfway back towards
+the last landing), at most :data:`ATTEMPTS` runs. (Tightening the percentage by the overshoot
+alone was not enough on Fashion-MNIST ResNet-20: the two counts differ by an offset, not a
+factor, and 4 runs all landed at 50.07% for 3 of 5 seeds.) ``info["fastnas"]`` records
 where it landed (``realized``: autoprune's count and ModelOpt's own), the limits tried, its wall
 time (``wall_s``) and settings;
 ``info["compute"]["proxy_evaluations"]`` counts its score_func calls. Needs the ``peers`` extra:
@@ -33,7 +34,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from ..errors import BudgetError, OptionError, short
+from ..errors import AutopruneError, BudgetError, OptionError, short
 from ..peers.fastnas import MIN_BATCHES, Batches, missing, percent, run
 from ..peers.recover import check_reproduces, recover_plan
 from .base import Context, WidthMethod, WidthResult
@@ -91,14 +92,23 @@ class FastNAS(WidthMethod):
                               "the model and data")
         target = budget.target(space)
         base = getattr(space.cost(), budget.kind)
-        limit, tried, calls = percent(target / base), [], 0
+        limit, tried, landings, calls = percent(target / base), [], [], 0
         start = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="autoprune-fastnas-") as folder:
             checkpoint = os.path.join(folder, "fastnas_search.pth")
             for _ in range(ATTEMPTS):
-                result = run(copy.deepcopy(context.model), context.data, budget.kind, limit,
-                             batches=options["fastnas_batches"], divisor=options["fastnas_divisor"],
-                             checkpoint=checkpoint, seed=context.seed, progress=context.progress)
+                try:
+                    result = run(copy.deepcopy(context.model), context.data, budget.kind, limit,
+                                 batches=options["fastnas_batches"], divisor=options["fastnas_divisor"],
+                                 checkpoint=checkpoint, seed=context.seed, progress=context.progress)
+                except BudgetError:
+                    if not landings:  # the budget itself is below its smallest subnet: unreachable
+                        raise
+                    # our own tightened limit fell below its smallest subnet: halfway back up
+                    # towards its last landing (still below it)
+                    tried.append({"limit": limit, "realized": None, "modelopt": None, "unsatisfiable": True})
+                    limit = (limit + landings[-1]["modelopt"]) / 2
+                    continue
                 calls += result.score_calls
                 plan = recover_plan(space, context.model, result.model, "FastNAS")
                 widths = space.complete(plan.kept_widths())
@@ -106,10 +116,11 @@ class FastNAS(WidthMethod):
                 tried.append({"limit": limit, "realized": realized, "modelopt": result.constraints.get(budget.kind)})
                 if realized <= target:
                     break
-                if tried[-1]["modelopt"] is None:
-                    raise BudgetError(f"FastNAS overshot budget {budget} by autoprune's count and did not report "
-                                      f"its own count of {budget.kind}, so its limit cannot be tightened")
-                limit = next_limit(tried, target)
+                if tried[-1]["modelopt"] is None:  # not a budget finding: ModelOpt's state lacks its count
+                    raise AutopruneError(f"FastNAS overshot budget {budget} by autoprune's count and did not "
+                                         f"report its own count of {budget.kind}, so its limit cannot be tightened")
+                landings = [t for t in tried if t["realized"] is not None]
+                limit = next_limit(landings, target)
             else:
                 raise BudgetError(f"FastNAS overshot budget {budget} by autoprune's count in {ATTEMPTS} runs "
                                   f"(last {realized / base:.2%} of the base {budget.kind})")

@@ -69,12 +69,19 @@ def ray_session(address: str | None, num_cpus: int, progress: bool) -> Iterator[
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         # Ray renices its workers by +15 (RAY_worker_niceness), so that on a busy machine the
         # trials, which are this job's work, starve: a 6-trial search beside two busy processes
-        # took 13x its idle time (benchmarks/ray_niceness.py). Ours keep the driver's niceness
-        # unless the variable is set; it is read when the raylet and its workers start.
-        niceness = os.environ.setdefault(WORKER_NICENESS, "0")
-        # address="local": a Ray of our own even if a cluster (or RAY_ADDRESS) is around
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 log_to_driver=progress, configure_logging=False)
+        # took 11x its time at niceness 0 (benchmarks/ray_niceness.py). Ours keep the driver's
+        # niceness unless the variable is set; the raylet reads it when ray.init starts it (its
+        # workers inherit the raylet's environment), so it is set for that call only.
+        users = os.environ.get(WORKER_NICENESS)
+        os.environ[WORKER_NICENESS] = users if users is not None else "0"
+        try:
+            # address="local": a Ray of our own even if a cluster (or RAY_ADDRESS) is around
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+                     log_to_driver=progress, configure_logging=False)
+        finally:
+            niceness = os.environ.pop(WORKER_NICENESS)
+            if users is not None:
+                os.environ[WORKER_NICENESS] = users
         info = {"address": "local", "started": True, "worker_niceness": niceness}
     try:
         yield info
