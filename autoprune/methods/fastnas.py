@@ -113,13 +113,14 @@ class FastNAS(WidthMethod):
                 plan = recover_plan(space, context.model, result.model, "FastNAS")
                 widths = space.complete(plan.kept_widths())
                 realized = getattr(space.cost(widths), budget.kind)
-                tried.append({"limit": limit, "realized": realized, "modelopt": result.constraints.get(budget.kind)})
+                landings.append({"limit": limit, "realized": realized,
+                                 "modelopt": result.constraints.get(budget.kind)})
+                tried.append(landings[-1])
                 if realized <= target:
                     break
-                if tried[-1]["modelopt"] is None:  # not a budget finding: ModelOpt's state lacks its count
+                if landings[-1]["modelopt"] is None:  # not a budget finding: ModelOpt's state lacks its count
                     raise AutopruneError(f"FastNAS overshot budget {budget} by autoprune's count and did not "
                                          f"report its own count of {budget.kind}, so its limit cannot be tightened")
-                landings = [t for t in tried if t["realized"] is not None]
                 limit = next_limit(landings, target)
             else:
                 raise BudgetError(f"FastNAS overshot budget {budget} by autoprune's count in {ATTEMPTS} runs "
