@@ -7,6 +7,15 @@ concatenated and put back in the original unit order. A conv costs
 ``Σ_g |S_g|·|G_g|·kh·kw·H·W`` multiply-adds per image, a linear ``Σ_g |S_g|·|G_g|`` per row:
 exactly what fvcore counts when it traces the module (gathers and concatenations are free).
 
+That per-group computation is what runs in eval mode: FLOP counts (:mod:`autoprune.cost`
+traces in eval mode), latency, validation and test. In training mode the same function runs
+as one dense conv (or matmul) whose weight is assembled, differentiably, from the per-group
+weights with zeros elsewhere (``W[i, j] = 0`` for ``j ∉ S_{g(i)}``): on the CPU many small
+convs plus gathers are several times slower per step than one large GEMM
+(``benchmarks/selfgroup.py --train``), and the gradients reach exactly the per-group
+parameters, so training is the same mathematically (only floating-point summation order
+differs). The parameters stay the small per-group tensors either way.
+
 :mod:`autoprune.selfgroup` decides the groups (SG-CNN's importance vectors, k-means and
 connection threshold); this module only runs a given grouping.
 """
@@ -97,6 +106,11 @@ class DiverseGroupLayer(nn.Module):
                 self.register_parameter(f"bias_{g}", nn.Parameter(torch.empty(len(self.members[g]), **kw)))
             self.register_buffer(f"index_{g}", torch.tensor(inputs[g], dtype=torch.long,
                                                             device=device), persistent=False)
+        # for the training path: where each entry of the concatenated, flattened per-group
+        # weights sits in the flattened dense [n_out, n_in] weight (row-major, per group)
+        flat = [r * n_in + c for m, s in zip(self.members, inputs) for r in m for c in s]
+        self.register_buffer("dense_index", torch.tensor(flat, dtype=torch.long, device=device),
+                             persistent=False)
         perm = [i for m in self.members for i in m]
         inverse = [0] * n_out
         for pos, i in enumerate(perm):
@@ -126,19 +140,24 @@ class DiverseGroupLayer(nn.Module):
                 if bias is not None:
                     getattr(self, f"bias_{g}").copy_(bias.index_select(0, rows))
 
+    def masked_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The masked dense weight (``W[i, j] = 0`` for ``j ∉ S_{g(i)}``) and bias, built
+        differentiably from the per-group parameters (their gradients flow back through it)."""
+        ws = [getattr(self, f"weight_{g}") for g in range(self.num_groups)]
+        kernel = ws[0].shape[2:]
+        values = torch.cat([w.reshape(-1, *kernel) for w in ws])
+        weight = values.new_zeros(len(self.group_of) * self.n_in, *kernel) \
+            .index_copy(0, self.dense_index, values).view(len(self.group_of), self.n_in, *kernel)
+        bias = None
+        if self.has_bias:
+            bias = torch.cat([getattr(self, f"bias_{g}") for g in range(self.num_groups)])
+            bias = bias if self.identity else bias.index_select(0, self.inverse)
+        return weight, bias
+
     def dense_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The masked dense weight (``W[i, j] = 0`` for ``j ∉ S_{g(i)}``) and bias."""
-        ref = getattr(self, "weight_0")
-        weight = ref.new_zeros(len(self.group_of), self.n_in, *ref.shape[2:])
-        bias = ref.new_zeros(len(self.group_of)) if self.has_bias else None
+        """The masked dense weight (``W[i, j] = 0`` for ``j ∉ S_{g(i)}``) and bias, detached."""
         with torch.no_grad():
-            for g in range(self.num_groups):
-                rows = torch.tensor(self.members[g], dtype=torch.long, device=ref.device)
-                block = weight[rows]
-                block[:, getattr(self, f"index_{g}")] = getattr(self, f"weight_{g}")
-                weight[rows] = block
-                if bias is not None:
-                    bias[rows] = getattr(self, f"bias_{g}")
+            weight, bias = self.masked_weight()
         return weight, bias
 
     @property
@@ -235,6 +254,8 @@ class DiverseGroupConv(DiverseGroupLayer):
         if self.pad_amounts is not None:
             x = F.pad(x, self.pad_amounts, mode=self.padding_mode)
             padding = 0
+        if self.training:  # the same function as one dense conv (module docstring)
+            return F.conv2d(x, *self.masked_weight(), self.stride, padding, self.dilation)
         return self.grouped(x, 1, lambda xg, w, b: F.conv2d(xg, w, b, self.stride, padding, self.dilation))
 
     def extra_repr(self) -> str:
@@ -289,6 +310,8 @@ class DiverseGroupLinear(DiverseGroupLayer):
         return linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:  # the same function as one dense matmul (module docstring)
+            return F.linear(x, *self.masked_weight())
         return self.grouped(x, -1, F.linear)
 
     def extra_repr(self) -> str:

@@ -12,7 +12,7 @@ from torch import nn
 
 import autoprune as ap
 from autoprune.selfgroup import (
-    DiverseGroupConv, apply_self_grouping, connection_threshold, eligible_convs, group_inputs,
+    DiverseGroupConv, DiverseGroupLinear, apply_self_grouping, connection_threshold, eligible_convs, group_inputs,
     grouped_flops, grouped_params, self_group, self_group_entry, self_group_model,
     selfgroup_cost_delta,
 )
@@ -56,12 +56,51 @@ def test_hand_spec_equals_masked_dense(kw):
     conv = nn.Conv2d(5, 7, **kw)
     x = torch.randn(3, 5, 11, 10)
     grouped = DiverseGroupConv.from_conv(conv, HAND["groups"], HAND["inputs"])
-    y = grouped(x)
+    y = grouped.eval()(x)  # the per-group computation
     assert y.shape == conv(x).shape
     torch.testing.assert_close(y, masked_dense(conv, HAND)(x), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grouped.to_dense()(x), y, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grouped.train()(x), y, rtol=1e-5, atol=1e-5)  # the training path
     # shapes of the real (smaller) weights: [|G_g|, |S_g|, kh, kw]
     assert [tuple(getattr(grouped, f"weight_{g}").shape[:2]) for g in range(3)] == [(2, 2), (2, 5), (3, 1)]
+
+
+@pytest.mark.parametrize("kind", ["conv", "conv_reflect", "linear"])
+def test_training_path_gradients_equal_per_group_path(kind):
+    """Train mode runs one masked dense op; its gradients on the per-group parameters equal
+    those of the per-group computation (eval mode) and of an independent masked dense layer."""
+    torch.manual_seed(3)
+    if kind == "linear":
+        dense, x = nn.Linear(5, 7), torch.randn(4, 5)
+        grouped = DiverseGroupLinear.from_linear(dense, HAND["groups"], HAND["inputs"])
+    else:
+        dense = nn.Conv2d(5, 7, 3, padding=1, padding_mode="reflect" if kind == "conv_reflect" else "zeros")
+        x = torch.randn(2, 5, 6, 6)
+        grouped = DiverseGroupConv.from_conv(dense, HAND["groups"], HAND["inputs"])
+    ref = copy.deepcopy(dense)
+    mask = torch.zeros(7, 5)
+    for i, g in enumerate(HAND["groups"]):
+        mask[i, HAND["inputs"][g]] = 1
+    mask = mask.view(7, 5, *([1] * (dense.weight.dim() - 2)))
+    with torch.no_grad():
+        ref.weight.mul_(mask)
+    ref(x).square().sum().backward()
+    grads = {}
+    for mode in ("train", "eval"):
+        grouped.zero_grad()
+        grouped.train(mode == "train")
+        grouped(x).square().sum().backward()
+        grads[mode] = [getattr(grouped, f"weight_{g}").grad.clone() for g in range(3)] + \
+            [getattr(grouped, f"bias_{g}").grad.clone() for g in range(3)]
+    members = [[i for i, g in enumerate(HAND["groups"]) if g == k] for k in range(3)]
+    expect = [ref.weight.grad[m][:, s] for m, s in zip(members, HAND["inputs"])] + \
+        [ref.bias.grad[m] for m in members]
+    for a, b, c in zip(grads["train"], grads["eval"], expect):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
+    # the parameters stay the small per-group tensors: 2*2 + 2*5 + 3*1 connections
+    assert sum(p.numel() for n, p in grouped.named_parameters() if n.startswith("weight_")) == \
+        17 * (9 if kind != "linear" else 1)
 
 
 @pytest.mark.parametrize("cp", [0.0, 0.3, 0.5, 0.8, 1.0])
