@@ -86,17 +86,19 @@ def test_training_path_gradients_equal_per_group_path(kind):
         ref.weight.mul_(mask)
     ref(x).square().sum().backward()
     grads = {}
-    for mode in ("train", "eval"):
+    for mode in ("train", "eval", "train_per_group"):
         grouped.zero_grad()
-        grouped.train(mode == "train")
+        grouped.train(mode != "eval")
+        grouped.dense_training = mode != "train_per_group"
         grouped(x).square().sum().backward()
         grads[mode] = [getattr(grouped, f"weight_{g}").grad.clone() for g in range(3)] + \
             [getattr(grouped, f"bias_{g}").grad.clone() for g in range(3)]
     members = [[i for i, g in enumerate(HAND["groups"]) if g == k] for k in range(3)]
     expect = [ref.weight.grad[m][:, s] for m, s in zip(members, HAND["inputs"])] + \
         [ref.bias.grad[m] for m in members]
-    for a, b, c in zip(grads["train"], grads["eval"], expect):
+    for a, b, b2, c in zip(grads["train"], grads["eval"], grads["train_per_group"], expect):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(b2, b)  # dense_training=False: the per-group computation
         torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
     # the parameters stay the small per-group tensors: 2*2 + 2*5 + 3*1 connections
     assert sum(p.numel() for n, p in grouped.named_parameters() if n.startswith("weight_")) == \
