@@ -10,7 +10,11 @@ import pytest
 import torch
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Threads per process, set deliberately: the suite runs as 2 pytest-xdist workers on the 2-core
+# machine (`-n 2`, see .ci/run), one torch thread each (two processes of 2 threads each were
+# ~10x slower); a plain `pytest` run in one process uses up to 2.
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, torch.get_num_threads()) // _workers))
 
 # A suite started in the background by a non-interactive shell (`.ci/run &`) inherits SIGINT
 # ignored, and Python then raises no KeyboardInterrupt: the Ctrl-C tests need Python's default
