@@ -393,10 +393,10 @@ def _kill_session(pid: int) -> None:
 
 
 def _start_driver(tiny, trained, tmp_path) -> tuple[subprocess.Popen, Path, dict]:
-    """`autoprune search` (8 trials of ~1 s, 2 workers) in a subprocess of its own session,
+    """`autoprune search` (8 trials of ~0.5 s, 2 workers) in a subprocess of its own session,
     returned once it is running; output goes to tmp_path/driver.log."""
     model, data = trained
-    tiny.write_text(TINY.replace("finetune_steps: 5", "finetune_steps: 60"))  # trials of ~1 s
+    tiny.write_text(TINY.replace("finetune_steps: 5", "finetune_steps: 30"))  # trials of ~0.5 s
     base = tmp_path / "base.pt"
     checkpoint.save_baseline(base, model, data={"name": "digits", "image_size": 8},
                              input_shape=list(data.input_shape))
