@@ -12,7 +12,7 @@ traces in eval mode), latency, validation and test. In training mode the same fu
 as one dense conv (or matmul) whose weight is assembled, differentiably, from the per-group
 weights with zeros elsewhere (``W[i, j] = 0`` for ``j ∉ S_{g(i)}``): on the CPU many small
 convs plus gathers are several times slower per step than one large GEMM
-(``benchmarks/selfgroup.py --train``), and the gradients reach exactly the per-group
+(``benchmarks/selfgroup.py``, its training-step table), and the gradients reach exactly the per-group
 parameters, so training is the same mathematically (only floating-point summation order
 differs). The parameters stay the small per-group tensors either way. With few groups and
 large feature maps the per-group computation can be the faster one to train (the benchmark:

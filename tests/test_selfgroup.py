@@ -18,14 +18,15 @@ from autoprune.selfgroup import (
 )
 
 
-def masked_dense(conv: nn.Conv2d, entry: dict) -> nn.Conv2d:
-    """Independent reference: ``conv`` with W[i, j] = 0 for j ∉ S_{g(i)}."""
-    ref = copy.deepcopy(conv)
-    mask = torch.zeros(conv.out_channels, conv.in_channels)
+def masked_dense(layer: nn.Module, entry: dict) -> nn.Module:
+    """Independent reference: a copy of the conv or linear ``layer`` with W[i, j] = 0 for
+    j ∉ S_{g(i)}."""
+    ref = copy.deepcopy(layer)
+    mask = torch.zeros(*ref.weight.shape[:2])
     for i, g in enumerate(entry["groups"]):
         mask[i, entry["inputs"][g]] = 1
     with torch.no_grad():
-        ref.weight.mul_(mask[:, :, None, None])
+        ref.weight.mul_(mask.view(*mask.shape, *([1] * (ref.weight.dim() - 2))))
     return ref
 
 
@@ -77,19 +78,15 @@ def test_training_path_gradients_equal_per_group_path(kind):
         dense = nn.Conv2d(5, 7, 3, padding=1, padding_mode="reflect" if kind == "conv_reflect" else "zeros")
         x = torch.randn(2, 5, 6, 6)
         grouped = DiverseGroupConv.from_conv(dense, HAND["groups"], HAND["inputs"])
-    ref = copy.deepcopy(dense)
-    mask = torch.zeros(7, 5)
-    for i, g in enumerate(HAND["groups"]):
-        mask[i, HAND["inputs"][g]] = 1
-    mask = mask.view(7, 5, *([1] * (dense.weight.dim() - 2)))
-    with torch.no_grad():
-        ref.weight.mul_(mask)
+    ref = masked_dense(dense, HAND)
     ref(x).square().sum().backward()
     grads = {}
     for mode in ("train", "eval", "train_per_group"):
         grouped.zero_grad()
         grouped.train(mode != "eval")
         grouped.dense_training = mode != "train_per_group"
+        if mode != "train":  # these must not take the training path
+            grouped.masked_weight = lambda: pytest.fail(f"{mode}: masked dense path taken")
         grouped(x).square().sum().backward()
         grads[mode] = [getattr(grouped, f"weight_{g}").grad.clone() for g in range(3)] + \
             [getattr(grouped, f"bias_{g}").grad.clone() for g in range(3)]
