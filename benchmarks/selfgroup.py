@@ -37,12 +37,23 @@ KS = (4, 16)
 CPS = (0.25, 0.5, 0.75, 0.9)
 
 
+def positive(text: str) -> int:
+    """argparse type: an integer >= 1 (anything else: one line, exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=15, help="timed calls per variant (median)")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    ap.add_argument("--channels", type=int, default=64, help="input and output channels C")
-    ap.add_argument("--size", type=int, default=32, help="image side S")
+    ap.add_argument("--rounds", type=positive, default=15, help="timed calls per variant (median)")
+    ap.add_argument("--threads", type=positive, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--channels", type=positive, default=64, help="input and output channels C")
+    ap.add_argument("--size", type=positive, default=32, help="image side S")
     args = ap.parse_args()
     c, size = args.channels, args.size
     if args.threads:
