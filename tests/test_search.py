@@ -22,6 +22,7 @@ import autoprune as ap
 from autoprune import checkpoint, cli
 from autoprune.evaluate import proxy_finetune
 from autoprune.prune import prune
+from autoprune.search.clock import CLOCK_FILE, read_segments
 from autoprune.search.ray_tune import finished_result, resources
 from autoprune.search.runner import search
 from autoprune.search.searcher import OptunaSearcher
@@ -458,18 +459,29 @@ def test_ctrl_c_stops_with_one_line_and_resumes(tiny, trained, tmp_path):
 @pytest.mark.slow
 def test_killed_driver_resumes_without_losing_or_repeating(tiny, trained, tmp_path):
     _, data = trained
+    launched = time.time()
     proc, out, env = _start_driver(tiny, trained, tmp_path)
     try:
         _wait_for_finished(proc, out, 3, tmp_path)
     finally:
+        killed = time.time()
         _kill_session(proc.pid)
         proc.wait()
     assert not (out / "report.json").exists()
+    # the killed process's time survives in its clock record, to within a heartbeat (5 s)
+    (seg,) = read_segments(out / CLOCK_FILE)
+    assert launched <= seg[0] <= seg[1] <= killed and seg[1] >= killed - 15
     done_before = {name: rows[-1]["started_at"] for name, rows in _final_lines(out).items() if rows}
     assert 3 <= len(done_before) < 8
     report = _resume(out, env)
     rows = report["trials"]
     assert report["search"]["resumed"] and len(rows) == 8
+    # its cost counts both processes: the killed one's recorded segment and the resumed one's
+    assert report["search"]["processes"] == 2
+    assert report["search"]["earlier_processes_s"] == pytest.approx(seg[1] - seg[0], abs=0.01)
+    assert report["elapsed_s"] >= report["compute"]["method_s"] > report["search"]["earlier_processes_s"]
+    first, second = read_segments(out / CLOCK_FILE)
+    assert first == seg and killed <= second[0] <= second[1]
     assert sorted(r["number"] for r in rows) == list(range(8))
     assert len({r["trial_id"] for r in rows}) == 8
     assert len({json.dumps(r["config"], sort_keys=True) for r in rows}) == 8
