@@ -22,6 +22,12 @@
 #  - search, random and search_widths: resnet_cifar space, 16 trials, 2 workers (1 thread each).
 # Copy results.*, fidelity.* and the plots to docs/results/fashion_mnist_MODEL/ when it finishes.
 #
+# Progress is kept in the repository: KEEP (default docs/results/fashion_mnist_MODEL) receives
+# the baseline, every finished run's report and plan and every finished fidelity study after
+# each phase (experiments/keep_runs.sh; run `keep_runs.sh save OUT KEEP` by hand to keep more
+# mid-phase), and a fresh clone restores them first, so the next machine continues where the
+# last commit stopped (runs/ is not tracked).
+#
 # Per-model choices (environment, defaults for ResNet-20): BASE_EPOCHS (15), GREEDY_STEP
 # (0.02), SECOND_BUDGET (30%; empty: phases 4-6 skipped), ARMS (the arms of phases 1 and 4, in
 # the order they run). fashion_mnist_resnet56.sh sets them.
@@ -30,11 +36,16 @@ export RAY_AUTH_MODE=disabled
 model=${1:?usage: experiments/fashion_mnist.sh MODEL [OUT]}
 out=${2:-runs/fashion_mnist_$model}
 ap=${AUTOPRUNE:-autoprune}
+keep=${KEEP:-docs/results/fashion_mnist_$model}
+here=$(dirname "$0")
 mkdir -p "$out"
+"$here/keep_runs.sh" restore "$keep" "$out"
+save() { "$here/keep_runs.sh" save "$out" "$keep"; }
 base="$out/base.pt"
 if [ ! -f "$base" ]; then
     $ap train --model "$model" --data fashion-mnist --image-size 16 --epochs "${BASE_EPOCHS:-15}" --seed 0 \
         --out "$base" --no-progress
+    save
 fi
 common=(--checkpoint "$base" --data fashion-mnist --image-size 16 --train-size 10000 --seeds 0 1 2 3 4
         --epochs 2 --greedy-step "${GREEDY_STEP:-0.02}" --space resnet_cifar --trials 16 --workers 2 --out "$out" --no-progress)
@@ -43,12 +54,17 @@ fidelity() {  # proxy fidelity at one budget, into its own folder (skipped once 
     [ -f "$out/fidelity-${1%\%}/fidelity.json" ] && return 0
     time $ap fidelity --checkpoint "$base" --data fashion-mnist --image-size 16 --train-size 10000 \
         --flops "$1" --n 24 --epochs 2 --space resnet_cifar --out "$out/fidelity-${1%\%}" --no-progress
+    save
 }
 time $ap compare "${common[@]}" --flops 50% --methods "$arms"
+save
 fidelity 50%
 time $ap compare "${common[@]}" --flops 50% --methods "$arms,selfgroup,fastnas"
+save
 second=${SECOND_BUDGET-30%}
 [ -n "$second" ] || exit 0
 time $ap compare "${common[@]}" --flops 50% "$second" --methods "$arms,fastnas"
+save
 fidelity "$second"
 time $ap compare "${common[@]}" --flops 50% "$second" --methods "$arms,selfgroup,fastnas"
+save

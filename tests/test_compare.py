@@ -216,3 +216,43 @@ FAKE_REPORT = {"method": "search", "seed": 0, "elapsed_s": 1.0, "widths": {"conv
                           "latency_ms": 0.6},
                "compute": {"proxy_evaluations": 4, "method_s": 2.0, "finetunes": 1, "finetune_s": 4.0,
                            "search_cost": 0.5}}
+
+
+def test_kept_runs_are_restored_and_reused_on_a_fresh_machine(trained, tmp_path):
+    """experiments/keep_runs.sh: `save` keeps the baseline, each finished run's report and plan
+    and each finished fidelity study (no models, no unfinished search); `restore` puts them
+    into an empty folder without overwriting; compare there reuses the restored runs."""
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "experiments" / "keep_runs.sh"
+    model, data = trained
+    out, keep, fresh = tmp_path / "out", tmp_path / "keep", tmp_path / "fresh"
+    kw = dict(budgets=("flops<=60%",), methods=("uniform", "wsp"), seeds=(0,), finetune_epochs=0,
+              progress=False, calib_images=64, bn_batches=3)
+    first = compare(model, data, out=out, **kw)
+    (out / "base.pt").write_bytes(b"baseline")
+    (out / "runs" / "flops-60pct-search-s0" / "tune").mkdir(parents=True)  # an unfinished search
+    (out / "fidelity-60").mkdir()
+    (out / "fidelity-60" / "fidelity.md").write_text("table")
+    (out / "fidelity-60" / "fidelity.json").write_text("{}")
+    (out / "fidelity-30").mkdir()  # unfinished: no fidelity.json
+    (out / "fidelity-30" / "fidelity.md").write_text("partial")
+    subprocess.run(["bash", str(script), "save", str(out), str(keep)], check=True)
+    kept = sorted(str(p.relative_to(keep)) for p in keep.rglob("*") if p.is_file())
+    assert kept == ["base.pt", "fidelity-60/fidelity.json", "fidelity-60/fidelity.md",
+                    "runs/flops-60pct-uniform-s0/plan.json", "runs/flops-60pct-uniform-s0/report.json",
+                    "runs/flops-60pct-wsp-s0/plan.json", "runs/flops-60pct-wsp-s0/report.json"]
+    marked = keep / "runs" / "flops-60pct-wsp-s0" / "report.json"
+    marked.write_text(json.dumps({**json.loads(marked.read_text()), "elapsed_s": -1.0}))
+    (fresh / "runs" / "flops-60pct-uniform-s0").mkdir(parents=True)
+    mine = fresh / "runs" / "flops-60pct-uniform-s0" / "report.json"
+    mine.write_text((out / "runs" / "flops-60pct-uniform-s0" / "report.json").read_text())
+    subprocess.run(["bash", str(script), "restore", str(keep), str(fresh)], check=True)
+    assert (fresh / "base.pt").read_bytes() == b"baseline" and (fresh / "fidelity-60" / "fidelity.md").is_file()
+    assert mine.read_text() == (out / "runs" / "flops-60pct-uniform-s0" / "report.json").read_text()
+    again = compare(model, data, out=fresh, **kw)  # both runs reused: wsp's marked elapsed comes back
+    assert {r["method"]: r["elapsed_s"] for r in again["rows"]} == \
+        {"uniform": next(r["elapsed_s"] for r in first["rows"] if r["method"] == "uniform"), "wsp": -1.0}
+    bad = subprocess.run(["bash", str(script), "copy", str(out), str(keep)], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "unknown mode copy" in bad.stderr
