@@ -118,12 +118,13 @@ def markdown(result: Mapping) -> str:
 
 
 def write_fidelity(out: str | Path, result: Mapping) -> None:
-    """``fidelity.json`` (the whole result) and ``fidelity.md`` (:func:`markdown`) in ``out``, atomically."""
+    """``fidelity.md`` (:func:`markdown`) and ``fidelity.json`` (the whole result) in ``out``, each
+    atomically; the JSON last, so that it marks a finished study (the experiment scripts skip one)."""
     from .checkpoint import atomic_write_text, write_json
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "fidelity.json", result)
     atomic_write_text(out / "fidelity.md", markdown(result))
+    write_json(out / "fidelity.json", result)
 
 
 # --------------------------------------------------------------------------- the proxies of a space

@@ -24,8 +24,8 @@
 #
 # Progress is kept in the repository: KEEP (default docs/results/fashion_mnist_MODEL) receives
 # the baseline, every finished run's report and plan and every finished fidelity study after
-# each phase (experiments/keep_runs.sh; run `keep_runs.sh save OUT KEEP` by hand to keep more
-# mid-phase), and a fresh clone restores them first, so the next machine continues where the
+# each phase and when the script exits (experiments/keep_runs.sh; `keep_runs.sh save OUT KEEP`
+# by hand keeps a running phase's finished runs), and a fresh clone restores them first, so the next machine continues where the
 # last commit stopped (runs/ is not tracked).
 #
 # Per-model choices (environment, defaults for ResNet-20): BASE_EPOCHS (15), GREEDY_STEP
@@ -41,6 +41,7 @@ here=$(dirname "$0")
 mkdir -p "$out"
 "$here/keep_runs.sh" restore "$keep" "$out"
 save() { "$here/keep_runs.sh" save "$out" "$keep"; }
+trap save EXIT  # also what an interrupted or failed phase finished (not after SIGKILL)
 base="$out/base.pt"
 if [ ! -f "$base" ]; then
     $ap train --model "$model" --data fashion-mnist --image-size 16 --epochs "${BASE_EPOCHS:-15}" --seed 0 \

@@ -13,17 +13,27 @@ mode=${1:?usage: keep_runs.sh save OUT KEEP | restore KEEP OUT}
 from=${2:?usage: keep_runs.sh save OUT KEEP | restore KEEP OUT}
 to=${3:?usage: keep_runs.sh save OUT KEEP | restore KEEP OUT}
 case $mode in save|restore) ;; *) echo "keep_runs.sh: unknown mode $mode (save or restore)" >&2; exit 2;; esac
-[ -d "$from" ] || exit 0
+if [ ! -d "$from" ]; then  # nothing kept yet is normal; nothing to save is a wrong argument
+    [ "$mode" = restore ] && exit 0
+    echo "keep_runs.sh: $from is not a folder (usage: keep_runs.sh save OUT KEEP)" >&2; exit 2
+fi
+tmp=
+trap 'rm -f "$tmp"' EXIT
 copy() {  # copy file $1 to $2 if it is missing there (restore) or differs (save), atomically
     [ -f "$1" ] || return 0
     if [ "$mode" = restore ] && [ -e "$2" ]; then return 0; fi
     cmp -s "$1" "$2" 2>/dev/null && return 0
     mkdir -p "$(dirname "$2")"
-    cp "$1" "$2.tmp.$$" && mv "$2.tmp.$$" "$2"
+    tmp="$(dirname "$2")/.$(basename "$2").tmp.$$"  # dot-named: no glob here picks it up
+    cp "$1" "$tmp" && mv "$tmp" "$2"
+    tmp=
 }
 copy "$from/base.pt" "$to/base.pt"
 for report in "$from"/runs/*/report.json; do
     [ -f "$report" ] || continue
+    # a run's output set is complete once its manifest.json is in (written last); a restored
+    # run has only its report and plan, already kept
+    [ "$mode" = save ] && [ ! -f "$(dirname "$report")/manifest.json" ] && continue
     run=$(basename "$(dirname "$report")")
     copy "$(dirname "$report")/plan.json" "$to/runs/$run/plan.json"
     copy "$report" "$to/runs/$run/report.json"  # last: a report marks a finished run

@@ -233,6 +233,9 @@ def test_kept_runs_are_restored_and_reused_on_a_fresh_machine(trained, tmp_path)
     first = compare(model, data, out=out, **kw)
     (out / "base.pt").write_bytes(b"baseline")
     (out / "runs" / "flops-60pct-search-s0" / "tune").mkdir(parents=True)  # an unfinished search
+    torn = out / "runs" / "flops-60pct-greedy-s0"  # a report but no manifest: an incomplete set
+    torn.mkdir()
+    (torn / "report.json").write_text("{}")
     (out / "fidelity-60").mkdir()
     (out / "fidelity-60" / "fidelity.md").write_text("table")
     (out / "fidelity-60" / "fidelity.json").write_text("{}")
@@ -254,5 +257,13 @@ def test_kept_runs_are_restored_and_reused_on_a_fresh_machine(trained, tmp_path)
     again = compare(model, data, out=fresh, **kw)  # both runs reused: wsp's marked elapsed comes back
     assert {r["method"]: r["elapsed_s"] for r in again["rows"]} == \
         {"uniform": next(r["elapsed_s"] for r in first["rows"] if r["method"] == "uniform"), "wsp": -1.0}
-    bad = subprocess.run(["bash", str(script), "copy", str(out), str(keep)], capture_output=True, text=True)
-    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "unknown mode copy" in bad.stderr
+    for argv, why in ((["copy", out, keep], "unknown mode copy"), (["save", tmp_path / "none", keep], "not a folder")):
+        bad = subprocess.run(["bash", str(script), *map(str, argv)], capture_output=True, text=True)
+        assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and why in bad.stderr
+    assert not list(keep.rglob(".*.tmp.*"))
+    # what the experiments keep under docs/results is tracked by git (not caught by runs/ ignores)
+    repo = script.parents[1]
+    for kept_path in ("docs/results/x/runs/flops-50pct-search-s0/report.json", "docs/results/x/base.pt",
+                      "docs/results/x/fidelity-50/fidelity.json"):
+        ignored = subprocess.run(["git", "-C", str(repo), "check-ignore", "-q", kept_path])
+        assert ignored.returncode == 1, f"{kept_path} is ignored by .gitignore"

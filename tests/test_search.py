@@ -468,9 +468,10 @@ def test_killed_driver_resumes_without_losing_or_repeating(tiny, trained, tmp_pa
         _kill_session(proc.pid)
         proc.wait()
     assert not (out / "report.json").exists()
-    # the killed process's time survives in its clock record, to within a heartbeat (5 s)
+    # the killed process's time survives in its clock record, to within a heartbeat (5 s; 15
+    # allowed on a loaded machine), unmarked: it never reached its final fine-tune
     (seg,) = read_segments(out / CLOCK_FILE)
-    assert launched <= seg[0] <= seg[1] <= killed and seg[1] >= killed - 15
+    assert launched <= seg[0] <= seg[1] <= killed and seg[1] >= killed - 15 and seg[2] is None
     done_before = {name: rows[-1]["started_at"] for name, rows in _final_lines(out).items() if rows}
     assert 3 <= len(done_before) < 8
     report = _resume(out, env)
@@ -479,7 +480,8 @@ def test_killed_driver_resumes_without_losing_or_repeating(tiny, trained, tmp_pa
     # its cost counts both processes: the killed one's recorded segment and the resumed one's
     assert report["search"]["processes"] == 2
     assert report["search"]["earlier_processes_s"] == pytest.approx(seg[1] - seg[0], abs=0.01)
-    assert report["elapsed_s"] >= report["compute"]["method_s"] > report["search"]["earlier_processes_s"]
+    assert report["elapsed_s"] >= report["compute"]["method_s"] >= \
+        report["search"]["earlier_processes_s"] + report["search"]["tune_s"]
     first, second = read_segments(out / CLOCK_FILE)
     assert first == seg and killed <= second[0] <= second[1]
     assert sorted(r["number"] for r in rows) == list(range(8))

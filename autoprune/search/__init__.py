@@ -66,8 +66,10 @@ ones report their saved result again). Only a real Ctrl-C ends a search early wi
 KeyboardInterrupt; Tune ending early otherwise is an AutopruneError.
 A resumed search's cost (``report["compute"]``, ``elapsed_s``) is every process's: each
 records its wall-time segment in ``OUT/clock.json`` as it runs (:mod:`.clock`; a killed
-driver loses at most 5 s of it), and ``report["search"]`` says how many processes ran
-(``processes``) and what the earlier ones spent (``earlier_processes_s``).
+driver loses at most 5 s of it; the search's own cost counts each up to its final
+fine-tune), and ``report["search"]`` says how many processes ran (``processes``; None when
+a resumed folder held no record, with a warning) and what the earlier ones spent
+(``earlier_processes_s``).
 
 With objective ``accuracy_flops`` ASHA still ranks trials by proxy score alone, so it
 stops the smaller structures first and thins out the Pareto front (a warning says so).

@@ -33,7 +33,7 @@ from ..methods.search import Search
 from ..pipeline import (Result, calibration_batches, calibration_specs, compute_record, criterion_scores, finish,
                         run_settings, write_outputs)
 from ..space import Space
-from .clock import CLOCK_FILE, SearchClock
+from .clock import SearchClock
 from .ray_tune import (check_reachable, error_line, gpus_available, ray_session, resources, result_rows,
                        sigint_watch, trainable, trial_dirname, tune_state_problem)
 from .searcher import newest_searcher_state, optuna_search_class
@@ -98,9 +98,6 @@ def search(model: nn.Module, data: DataBundle, budget: "str | Budget" = "flops<=
     try:
         run = _settings(Path(out if out is not None else temp).resolve(), resume, space, budget,
                         trials, workers, seed, (sampler, seed_trials, criterion, method))
-        if run.resume and not (run.out / CLOCK_FILE).is_file():
-            warnings.warn(f"{run.out} holds no {CLOCK_FILE} (a search started by an older version): its "
-                          "compute record counts only this process's time", stacklevel=2)
         with SearchClock(run.out, start, run.resume) as clock:
             return _search(run, model, data, address, finetune_epochs, lr, distill, calib_images,
                            bn_batches, cpus_per_trial, max_failures, progress, device, inputs, clock)
@@ -405,7 +402,7 @@ def _search(run: _Run, model, data, address, finetune_epochs, lr, distill, calib
         Shared(model, space, spec, budget, scores, labels, data, seed), cand)
     plan.meta = {"method": run.method, "criterion": cand.mix, "budget": str(budget), "seed": seed,
                  "trial": best["number"]}
-    method_s = clock.elapsed_s()  # the search's own cost, every process's: all before the final fine-tune
+    method_s = clock.mark_searched()  # the search's own cost, every process's: all before the final fine-tune
     report = finish(model, small, data, space, budget, widths, seed, finetune_epochs, lr, distill,
                     bn_batches, progress, device, selfgroup=bool(plan.selfgroup))
     imp, why = importances(rows, spec, space, seed)
@@ -420,7 +417,7 @@ def _search(run: _Run, model, data, address, finetune_epochs, lr, distill, calib
                 "ray": ray_info["address"], "worker_niceness": ray_info.get("worker_niceness"),
                 "asha": dict(spec.asha) if spec.asha else None,
                 "states": fields["states"], "nodes": fields["nodes"], "resumed": run.resume,
-                "processes": len(clock.earlier) + 1, "earlier_processes_s": round(clock.earlier_s, 2),
+                "processes": len(clock.earlier) + 1 if clock.complete else None, "earlier_processes_s": round(clock.earlier_s, 2),
                 "tune_started_at": t_fit, "tune_s": round(fit_s, 2), "driver_cpu_s": round(fit_cpu, 2),
                 "importances_note": why, "experiment": str(run.experiment)},
         compute=compute_record(sum(r["proxy_score"] is not None for r in rows), method_s, report["finetune"]),
