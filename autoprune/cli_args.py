@@ -148,11 +148,37 @@ GREEDY = (
 """Method greedy's options (:data:`autoprune.methods.greedy.DEFAULTS`); unset ones keep prune's defaults."""
 
 
+def _fastnas_help(text: str, key: str) -> Later:
+    def make() -> str:
+        from .methods.fastnas import DEFAULTS
+        return f"{text} (default {DEFAULTS[key]})"
+    return Later(make)
+
+
+FASTNAS = (
+    arg("--fastnas-batches", type=POS_INT, metavar="N",
+        help=_fastnas_help("--method fastnas: training batches ModelOpt re-estimates each candidate's BN "
+                           "statistics on (at least 50: it keeps its last 50)", "fastnas_batches")),
+    arg("--fastnas-divisor", type=POS_INT, metavar="C",
+        help=_fastnas_help("--method fastnas: width choices in multiples of C channels (ModelOpt's own 32 "
+                           "is too coarse for 16- to 64-channel nets)", "fastnas_divisor")),
+)
+"""Method fastnas's options (:data:`autoprune.methods.fastnas.DEFAULTS`); unset ones keep prune's defaults."""
+
+
+def _given(args: argparse.Namespace, names: tuple[str, ...]) -> dict:
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
 def greedy_options(args: argparse.Namespace) -> dict:
     """The greedy options given on the command line, as :func:`autoprune.prune` keywords."""
-    names = ("greedy_mode", "greedy_step", "greedy_bn_batches", "greedy_rescore", "greedy_cap",
-             "greedy_finetune_every", "greedy_finetune_steps", "greedy_recalibrate", "greedy_screen")
-    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    return _given(args, ("greedy_mode", "greedy_step", "greedy_bn_batches", "greedy_rescore", "greedy_cap",
+                         "greedy_finetune_every", "greedy_finetune_steps", "greedy_recalibrate", "greedy_screen"))
+
+
+def fastnas_options(args: argparse.Namespace) -> dict:
+    """The fastnas options given on the command line, as :func:`autoprune.prune` keywords."""
+    return _given(args, ("fastnas_batches", "fastnas_divisor"))
 
 
 def _data_help(required: bool) -> Callable[[], str]:

@@ -12,10 +12,10 @@ from typing import Sequence
 
 import torch
 
-from .cli_args import (BASELINE, BASELINE_AND_BUDGET, BUDGETS, CHANNELS, CLASSES, DATA, FINETUNE, GREEDY,
-                       IMAGE_SIZE, LR, NONNEG_INT, POS_INT, SEED, WSP_VARIANT, Later, UsageError, arg, budget_of,
-                       budgets_of, command, data_options, greedy_options, parse_criterion, writable_dir,
-                       writable_file)
+from .cli_args import (BASELINE, BASELINE_AND_BUDGET, BUDGETS, CHANNELS, CLASSES, DATA, FASTNAS, FINETUNE,
+                       GREEDY, IMAGE_SIZE, LR, NONNEG_INT, POS_INT, SEED, WSP_VARIANT, Later, UsageError, arg,
+                       budget_of, budgets_of, command, data_options, fastnas_options, greedy_options,
+                       parse_criterion, writable_dir, writable_file)
 from .errors import AutopruneError, CheckpointError, ModelError
 from .limits import MAX_CLASSES, MAX_IMAGE_SIZE
 
@@ -222,6 +222,7 @@ def train(args: argparse.Namespace) -> int:
     WSP_VARIANT,
     arg("--sg-k", type=POS_INT, default=16, metavar="K",
         help="--method selfgroup's k-means filter groups per layer (default 16, capped at its filters)"),
+    *FASTNAS,
     *FINETUNE,
     arg("--out", required=True, metavar="DIR", help="receives model.pt, plan.json, report.json, widths.png"),
     arg("--no-progress", action="store_true", help="no progress bars"),
@@ -231,16 +232,16 @@ def prune(args: argparse.Namespace) -> int:
     from .prune import prune as run
 
     budget = budget_of(args)  # every option checked before a baseline is trained or loaded
-    greedy = greedy_options(args)
+    method_options = greedy_options(args) | fastnas_options(args)
     criterion = check_options(args.method, parse_criterion(args.criterion), args.clusters,
                               calib_images=args.calib_images, cluster_k=args.cluster_k,
-                              wsp_variant=args.wsp_variant, sg_k=args.sg_k, **greedy)
+                              wsp_variant=args.wsp_variant, sg_k=args.sg_k, **method_options)
     out = writable_dir(args.out)
     model, bundle = _prune_inputs(args)
     result = run(model, bundle, budget, method=args.method, criterion=criterion,
                  clusters=args.clusters, cluster_k=args.cluster_k, finetune_epochs=args.epochs, lr=args.lr,
                  distill=args.distill, seed=args.seed, calib_images=args.calib_images,
-                 wsp_variant=args.wsp_variant, sg_k=args.sg_k, out=out, **greedy,
+                 wsp_variant=args.wsp_variant, sg_k=args.sg_k, out=out, **method_options,
                  progress=not args.no_progress)
     _summary(result.report)
     print(f"saved {out / 'model.pt'} (load with autoprune.load), plan.json, report.json, widths.png")
@@ -322,6 +323,7 @@ def search(args: argparse.Namespace) -> int:
         help=Later(lambda: f"comma list (default {_methods_default()})")),
     arg("--criterion", metavar="C", help="criterion or mix for greedy/uniform (default di)"),
     *GREEDY,
+    *FASTNAS,
     arg("--seeds", type=NONNEG_INT, nargs="+", default=[0, 1, 2, 3, 4],
         help="seeds per budget and method, paired across methods (default 0 1 2 3 4)"),
     arg("--epochs", type=NONNEG_INT, default=5, help="fine-tuning epochs for every method (default 5)"),
@@ -344,8 +346,9 @@ def compare(args: argparse.Namespace) -> int:
     budgets = budgets_of(args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     criterion = parse_criterion(args.criterion)
-    greedy = greedy_options(args)
-    check_options(methods, criterion, space=args.space, what="--methods", **greedy)  # the space if a search runs
+    method_options = greedy_options(args) | fastnas_options(args)
+    # the space too if a search runs
+    check_options(methods, criterion, space=args.space, what="--methods", **method_options)
     searches = any(search_run(m) is not None for m in methods)
     if args.fidelity:
         _check_fidelity(args, budgets, n=args.fidelity, what="--fidelity")
@@ -353,7 +356,7 @@ def compare(args: argparse.Namespace) -> int:
     model, bundle = _prune_inputs(args)
     extra = {"space": args.space, "trials": args.trials, "workers": args.workers} if searches else {}
     results = run(model, bundle, budgets, methods, args.seeds, finetune_epochs=args.epochs,
-                  criterion=criterion, out=out, progress=not args.no_progress, **extra, **greedy)
+                  criterion=criterion, out=out, progress=not args.no_progress, **extra, **method_options)
     print(markdown(results["summary"], results["tests"], results["settings"]["reference"], results["skipped"],
                    results["unreached"]), end="")
     if args.fidelity:

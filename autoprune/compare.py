@@ -60,7 +60,7 @@ _OPTIONAL_NUMBERS = ("proxy_evaluations", "search_cost")  # None: not reported /
 
 METHOD_OPTIONS = ("greedy_mode", "greedy_step", "greedy_bn_batches", "greedy_recalibrate", "greedy_rescore",
                   "greedy_cap", "greedy_finetune_every", "greedy_finetune_steps", "greedy_screen",
-                  "wsp_variant", "sg_k")
+                  "wsp_variant", "sg_k", "fastnas_batches", "fastnas_divisor")
 """prune() keywords that are a width method's options, checked with the methods up front."""
 
 

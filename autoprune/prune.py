@@ -45,7 +45,7 @@ def prune(model: nn.Module, data: DataBundle, budget: "str | Budget" = "flops<=5
           device: str | torch.device | None = None, space=None, trials: int = 64,
           workers: int = 2, address: str | None = None,
           criterion_params: "Mapping[str, Mapping[str, object]] | None" = None,
-          sg_k: int = 16) -> Result:
+          sg_k: int = 16, fastnas_batches: int = 50, fastnas_divisor: int = 8) -> Result:
     """Prune ``model`` to ``budget`` on ``data`` and fine-tune it; see the module doc.
 
     ``method`` is any registered width method (:func:`autoprune.methods.available`).
@@ -74,7 +74,10 @@ def prune(model: nn.Module, data: DataBundle, budget: "str | Budget" = "flops<=5
     from ``wsp_variant`` ``"weight"`` (norms, no calibration) or ``"data"`` (calibrated).
     Method ``selfgroup`` (SG-CNN) removes no channel: it self-groups the layers into
     ``sg_k`` k-means filter groups each (capped at the layer's filters) and cuts connections
-    to the budget (:mod:`autoprune.methods.selfgroup`).
+    to the budget (:mod:`autoprune.methods.selfgroup`). Method ``fastnas`` (NVIDIA ModelOpt, the
+    ``peers`` extra) re-estimates each candidate's BN statistics on ``fastnas_batches`` training
+    batches (at least 50) and rounds widths to ``fastnas_divisor`` channels
+    (:mod:`autoprune.methods.fastnas`).
 
     ``method="search"`` runs :func:`autoprune.search.search` (Optuna on Ray Tune) with
     the search space ``space`` (name, YAML path or SearchSpace; default resnet_cifar),
@@ -104,7 +107,8 @@ def prune(model: nn.Module, data: DataBundle, budget: "str | Budget" = "flops<=5
                "greedy_recalibrate": greedy_recalibrate, "greedy_rescore": greedy_rescore,
                "greedy_cap": greedy_cap, "greedy_finetune_every": greedy_finetune_every,
                "greedy_finetune_steps": greedy_finetune_steps, "greedy_screen": greedy_screen,
-               "wsp_variant": wsp_variant, "sg_k": sg_k}
+               "wsp_variant": wsp_variant, "sg_k": sg_k, "fastnas_batches": fastnas_batches,
+               "fastnas_divisor": fastnas_divisor}
     weights = check_options(method, criterion, clusters, greedy_mode, calib_images, cluster_k,
                             criterion_params=criterion_params, **options)
     settings = criteria.check_params(criterion_params, weights)
@@ -164,6 +168,10 @@ RUN_ONLY = ("model", "data", "budget", "method", "seed", "out", "progress", "dev
 (budget, method, seed, the data and the baseline's digest) or without effect on the result."""
 SEARCH_ONLY = ("space", "trials", "workers")
 """prune() arguments only a search run reads."""
+METHOD_ONLY = {"fastnas_batches": "fastnas", "fastnas_divisor": "fastnas"}
+"""prune() options only one width method reads, recorded in report["settings"] only for that
+method: adding such an option leaves every other method's recorded settings, hence the reuse
+of its finished runs, as they were."""
 
 
 def search_run(method: str) -> dict | None:
@@ -180,9 +188,10 @@ def prune_settings(model: nn.Module, data: DataBundle, budget: "str | Budget" = 
     """report["settings"] of ``prune(model, data, budget, method, **kw)``, without running it
     (:func:`autoprune.pipeline.run_settings`): the options are every other argument of
     :func:`prune`, defaults filled in, but :data:`RUN_ONLY`; a width method's without
-    :data:`SEARCH_ONLY` and with the criterion as its weights; a search run's as the search
-    runner records them (:func:`autoprune.search.runner.search_settings`: the arm's space as
-    a digest, trials, workers and the fine-tune's)."""
+    :data:`SEARCH_ONLY` and other methods' :data:`METHOD_ONLY`, with the criterion as its
+    weights; a search run's as the search runner records them
+    (:func:`autoprune.search.runner.search_settings`: the arm's space as a digest, trials,
+    workers and the fine-tune's)."""
     bound = inspect.signature(prune).bind(model, data, budget, method, **kw)
     bound.apply_defaults()
     args = bound.arguments
@@ -198,7 +207,8 @@ def prune_settings(model: nn.Module, data: DataBundle, budget: "str | Budget" = 
                                workers=args["workers"], finetune_epochs=args["finetune_epochs"], lr=args["lr"],
                                distill=args["distill"], calib_images=args["calib_images"],
                                bn_batches=args["bn_batches"])
-    options = {k: v for k, v in args.items() if k not in RUN_ONLY + SEARCH_ONLY}
+    options = {k: v for k, v in args.items()
+               if k not in RUN_ONLY + SEARCH_ONLY and METHOD_ONLY.get(k, method) == method}
     given = options["criterion"]
     options["criterion"] = criteria.parse_mix(given if given is not None else methods.get(method).default_criterion)
     return pipeline.run_settings(model, data, budget, method, seed, options)

@@ -287,3 +287,43 @@ def test_fastnas_through_prune_meets_the_budget_and_its_plan_is_fastnas_network(
     images = torch.stack([data.test[i][0] for i in range(64)])
     with torch.no_grad():
         assert torch.allclose(ours(images), fastnas_net(images), atol=1e-4, rtol=1e-4)
+
+
+def test_options_reach_fastnas_and_only_its_recorded_settings(monkeypatch, tmp_path, capsys):
+    """fastnas_batches/fastnas_divisor (prune keywords, --fastnas-batches/--fastnas-divisor) go
+    to ModelOpt's run and into the fastnas run's settings, so a changed value is not reused; no
+    other method records them, so adding them reused every other finished run as it was."""
+    from autoprune.cli import main
+    from autoprune.prune import prune_settings
+
+    model, data = _tiny(), ap.data.load("synthetic", image_size=8)
+    space = ap.Space(model, torch.zeros(1, 3, 8, 8))
+    _fake_runs(monkeypatch, space, offset=0.0)
+    import autoprune.methods.fastnas as fastnas_method
+    seen, fake = [], fastnas_method.run
+    monkeypatch.setattr(fastnas_method, "run", lambda *a, **kw: seen.append((kw["batches"], kw["divisor"])) or
+                        fake(*a, **kw))
+    result = ap.prune(model, data, "flops<=50%", method="fastnas", finetune_epochs=0, progress=False,
+                      calib_images=16, bn_batches=1, fastnas_batches=64, fastnas_divisor=4)
+    assert seen[0] == (64, 4)
+    assert result.report["fastnas"]["fastnas_batches"] == 64 and result.report["fastnas"]["channel_divisor"] == 4
+    options = result.report["settings"]["options"]
+    assert (options["fastnas_batches"], options["fastnas_divisor"]) == (64, 4)
+    default = prune_settings(model, data, "flops<=50%", "fastnas")["options"]
+    assert (default["fastnas_batches"], default["fastnas_divisor"]) == (50, 8)  # = methods.fastnas.DEFAULTS
+    assert fastnas_method.DEFAULTS == {"fastnas_batches": 50, "fastnas_divisor": 8}
+    for other in ("uniform", "greedy", "wsp", "tp_global", "selfgroup"):
+        recorded = prune_settings(model, data, "flops<=50%", other)["options"]
+        assert not {"fastnas_batches", "fastnas_divisor"} & set(recorded)
+    # on the command line: checked before any baseline is trained or loaded, one line, exit 2
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    prune_cmd = ["prune", "--method", "fastnas", "--flops", "50%"]
+    for cmd, flag, why in ((prune_cmd, "--fastnas-batches", "fastnas_batches"),
+                           (["compare", "--methods", "uniform,fastnas", "--flops", "50%"], "--fastnas-batches",
+                            "fastnas_batches"),
+                           (prune_cmd, "--fastnas-divisor", "--fastnas-divisor")):
+        value = "0" if flag == "--fastnas-divisor" else "49"
+        code = main([*cmd, "--model", "resnet20", "--data", "digits", flag, value, "--out", "o"])
+        err = capsys.readouterr().err
+        assert code == 2 and why in err and err.count("\n") == 1 and not (tmp_path / "o").exists(), err
