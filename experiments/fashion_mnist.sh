@@ -4,13 +4,22 @@
 # structures per budget). Usage: experiments/fashion_mnist.sh MODEL [OUT].
 #
 # Phased, so that whatever finishes is a complete table: (1) every arm but selfgroup and
-# fastnas at 50%, (2) proxy fidelity at 50% (fidelity-50/), (3) selfgroup and fastnas at 50%
-# (selfgroup fine-tunes ~6x slower than the dense arms on this CPU, ~3.5 min a run on ResNet-20:
-# it keeps every channel and evaluates grouped; fastnas is skipped with one line without the peers extra), (4) every arm but
-# selfgroup at 30%, (5) proxy fidelity at 30% (fidelity-30/), (6) selfgroup at 30%. Every
-# phase rewrites results.* from all finished runs; running the script again after an
-# interruption reuses every finished run (only when all its settings match), resumes an
-# interrupted search and skips a finished fidelity study.
+# fastnas at 50%, (2) proxy fidelity at 50% (fidelity-50/) beside (3) selfgroup and fastnas at
+# 50% (selfgroup fine-tunes ~6x slower than the dense arms on this CPU, ~3.5 min a run on
+# ResNet-20: it keeps every channel and evaluates grouped; fastnas is skipped with one line
+# without the peers extra), (4) every arm but selfgroup at 30%, (5) proxy fidelity at 30%
+# (fidelity-30/) beside (6) selfgroup at 30%. Every phase rewrites results.* from all
+# finished runs; running the script again after an interruption reuses every finished run
+# (only when all its settings match), resumes an interrupted search and skips a finished
+# fidelity study.
+#
+# Two cores, used side by side (one torch thread per process, OMP_NUM_THREADS=1 unless set;
+# the baseline, trained alone, with BASE_THREADS=2):
+# in phases 1 and 4 the width arms (one process) run beside the search arms (random, search,
+# search_widths: 2 trial workers), the reference arm search before its ablation; phases 2 and
+# 3 (and 5 and 6) run beside each other. A run's wall time is therefore measured beside
+# other work (three processes on two cores in phases 1 and 4), as its report's compute
+# record says nothing of; the README says so beside the tables. Ctrl-C stops both sides.
 #
 # Choices, for a 2-core CPU machine (measured times in the README):
 #  - 16x16 images; the dense baseline trained once on all 55,000 training images (5,000 more
@@ -25,14 +34,14 @@
 # Progress is kept in the repository: KEEP (default docs/results/fashion_mnist_MODEL) receives
 # the baseline, every finished run's report and plan and every finished fidelity study after
 # each phase and when the script exits (experiments/keep_runs.sh; `keep_runs.sh save OUT KEEP`
-# by hand keeps a running phase's finished runs), and a fresh clone restores them first, so the next machine continues where the
-# last commit stopped (runs/ is not tracked).
+# by hand keeps a running phase's finished runs), and a fresh clone restores them first, so
+# the next machine continues where the last commit stopped (runs/ is not tracked).
 #
 # Per-model choices (environment, defaults for ResNet-20): BASE_EPOCHS (15), GREEDY_STEP
 # (0.02), SECOND_BUDGET (30%; empty: phases 4-6 skipped), ARMS (the arms of phases 1 and 4, in
 # the order they run). fashion_mnist_resnet56.sh sets them.
 set -euo pipefail
-export RAY_AUTH_MODE=disabled
+export RAY_AUTH_MODE=disabled OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 model=${1:?usage: experiments/fashion_mnist.sh MODEL [OUT]}
 out=${2:-runs/fashion_mnist_$model}
 ap=${AUTOPRUNE:-autoprune}
@@ -44,28 +53,44 @@ save() { "$here/keep_runs.sh" save "$out" "$keep"; }
 trap save EXIT  # also what an interrupted or failed phase finished (not after SIGKILL)
 base="$out/base.pt"
 if [ ! -f "$base" ]; then
-    $ap train --model "$model" --data fashion-mnist --image-size 16 --epochs "${BASE_EPOCHS:-15}" --seed 0 \
+    OMP_NUM_THREADS=${BASE_THREADS:-2} $ap train --model "$model" --data fashion-mnist --image-size 16 --epochs "${BASE_EPOCHS:-15}" --seed 0 \
         --out "$base" --no-progress
     save
 fi
 common=(--checkpoint "$base" --data fashion-mnist --image-size 16 --train-size 10000 --seeds 0 1 2 3 4
         --epochs 2 --greedy-step "${GREEDY_STEP:-0.02}" --space resnet_cifar --trials 16 --workers 2 --out "$out" --no-progress)
-arms=${ARMS:-uniform,greedy,wsp,tp_global,random,search_widths,search}
+arms=${ARMS:-uniform,greedy,wsp,tp_global,random,search,search_widths}
+widths= searches=  # phase 1's two sides: the width arms, and the arms the search runner runs
+for arm in ${arms//,/ }; do
+    case $arm in random|search|search_widths) searches+=${searches:+,}$arm;; *) widths+=${widths:+,}$arm;; esac
+done
 fidelity() {  # proxy fidelity at one budget, into its own folder (skipped once finished)
     [ -f "$out/fidelity-${1%\%}/fidelity.json" ] && return 0
-    time $ap fidelity --checkpoint "$base" --data fashion-mnist --image-size 16 --train-size 10000 \
+    $ap fidelity --checkpoint "$base" --data fashion-mnist --image-size 16 --train-size 10000 \
         --flops "$1" --n 24 --epochs 2 --space resnet_cifar --out "$out/fidelity-${1%\%}" --no-progress
-    save
 }
-time $ap compare "${common[@]}" --flops 50% --methods "$arms"
+compare() { $ap compare "${common[@]}" "$@"; }
+side_by_side() {  # run "$1" and "$2" (each a command line in a string) at once; fail if either fails
+    local a b rc=0
+    ( trap - INT; eval "$1" ) & a=$!
+    ( trap - INT; eval "$2" ) & b=$!
+    wait "$a" || rc=$?
+    wait "$b" || rc=$?
+    return "$rc"
+}
+side() {  # one side of phase 1 or 4: a compare of the arms in $1 at the budgets after it (none: nothing)
+    local which=$1; shift
+    [ -z "$which" ] || compare "$@" --methods "$which"
+}
+time side_by_side "side '$widths' --flops 50%" "side '$searches' --flops 50%"
+compare --flops 50% --methods "$arms"  # the table of all of phase 1's runs (each reused)
 save
-fidelity 50%
-time $ap compare "${common[@]}" --flops 50% --methods "$arms,selfgroup,fastnas"
+time side_by_side "fidelity 50%" "compare --flops 50% --methods '$arms,selfgroup,fastnas'"
 save
 second=${SECOND_BUDGET-30%}
 [ -n "$second" ] || exit 0
-time $ap compare "${common[@]}" --flops 50% "$second" --methods "$arms,fastnas"
+time side_by_side "side '$widths,fastnas' --flops 50% '$second'" "side '$searches' --flops 50% '$second'"
+compare --flops 50% "$second" --methods "$arms,fastnas"
 save
-fidelity "$second"
-time $ap compare "${common[@]}" --flops 50% "$second" --methods "$arms,selfgroup,fastnas"
+time side_by_side "fidelity '$second'" "compare --flops 50% '$second' --methods '$arms,selfgroup,fastnas'"
 save
