@@ -29,8 +29,9 @@ mkstemp's names): ``name`` is the file they replace."""
 
 
 @contextmanager
-def _atomic(path: str | os.PathLike, mode: str):
-    """A file object on a temporary sibling of ``path``, renamed over it on success."""
+def atomic_open(path: str | os.PathLike, mode: str):
+    """A file object on a temporary sibling of ``path`` (a name of its own: writers of the same
+    path at once do not collide), renamed over it on success."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
@@ -52,13 +53,13 @@ def _umask() -> int:
 
 def atomic_save(obj: object, path: str | os.PathLike) -> None:
     """torch.save to a temporary file, then rename: an interruption never leaves half a file."""
-    with _atomic(path, "wb") as f:
+    with atomic_open(path, "wb") as f:
         torch.save(obj, f)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` atomically (same temporary-file-and-rename scheme)."""
-    with _atomic(path, "w") as f:
+    with atomic_open(path, "w") as f:
         f.write(text)
 
 

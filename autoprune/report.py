@@ -125,10 +125,11 @@ def plot_importances(values: Mapping[str, float], path: str | Path, title: str =
 
 
 def _save(fig, path: str | Path) -> None:
-    """Save atomically (temporary file, then rename) and close the figure."""
+    """Save as PNG atomically (a temporary file of its own, then rename) and close the figure."""
+    from .checkpoint import atomic_open
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        with atomic_open(path, "wb") as f:
+            fig.savefig(f, format="png", dpi=120)
+    finally:
+        plt.close(fig)

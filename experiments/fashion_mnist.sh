@@ -19,7 +19,8 @@
 # search_widths: 2 trial workers), the reference arm search before its ablation; phases 2 and
 # 3 (and 5 and 6) run beside each other. A run's wall time is therefore measured beside
 # other work (three processes on two cores in phases 1 and 4), as its report's compute
-# record says nothing of; the README says so beside the tables. Ctrl-C stops both sides.
+# record says nothing of; the README says so beside the tables. Ctrl-C (or SIGTERM to the
+# script) stops both sides; the script exits once both have.
 #
 # Choices, for a 2-core CPU machine (measured times in the README):
 #  - 16x16 images; the dense baseline trained once on all 55,000 training images (5,000 more
@@ -71,11 +72,26 @@ fidelity() {  # proxy fidelity at one budget, into its own folder (skipped once 
 }
 compare() { $ap compare "${common[@]}" "$@"; }
 side_by_side() {  # run "$1" and "$2" (each a command line in a string) at once; fail if either fails
-    local a b rc=0
-    ( trap - INT; eval "$1" ) & a=$!
-    ( trap - INT; eval "$2" ) & b=$!
-    wait "$a" || rc=$?
-    wait "$b" || rc=$?
+    # Each side runs as a process group of its own (job control on); Ctrl-C or SIGTERM to this
+    # script is passed on to both groups as SIGINT (each stops cleanly, an interrupted search
+    # saving its state) and the script waits until both have stopped, so the progress saved on
+    # exit is theirs and a rerun cannot overlap them.
+    local a b p r rc=0 stop=
+    set -m
+    eval "$1" & a=$!
+    eval "$2" & b=$!
+    set +m
+    trap 'stop=130; kill -INT -- "-$a" "-$b" 2>/dev/null' INT
+    trap 'stop=143; kill -INT -- "-$a" "-$b" 2>/dev/null' TERM
+    for p in "$a" "$b"; do
+        while :; do
+            wait "$p" && r=0 || r=$?
+            kill -0 "$p" 2>/dev/null || break  # else a trapped signal interrupted the wait
+        done
+        [ "$r" = 0 ] || rc=$r
+    done
+    trap - INT TERM
+    [ -z "$stop" ] || exit "$stop"
     return "$rc"
 }
 side() {  # one side of phase 1 or 4: a compare of the arms in $1 at the budgets after it (none: nothing)

@@ -6,6 +6,7 @@ with FastNAS's own network."""
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import sys
 
@@ -119,6 +120,21 @@ def test_without_the_extra_fastnas_is_refused_in_one_line(monkeypatch):
     with pytest.raises(OptionError) as info:  # refused before any work
         ap.prune(_tiny(), data, "flops<=50%", method="fastnas", progress=False)
     assert str(info.value) == reason
+
+
+def test_without_the_extra_compare_skips_fastnas_with_one_line(monkeypatch, tmp_path, capsys):
+    """compare runs every other arm and lists fastnas as skipped (the experiment scripts name it
+    in every phase); the options of a method it skips are not checked."""
+    from autoprune.compare import check_options, compare
+
+    monkeypatch.setitem(sys.modules, "modelopt", None)
+    reason = FastNAS.available()
+    assert check_options(["uniform", "fastnas"], fastnas_batches=64) == ["uniform", "fastnas"]
+    data = ap.data.load("synthetic", image_size=8)
+    results = compare(_tiny(), data, budgets=("flops<=60%",), methods=("uniform", "fastnas"), seeds=(0,),
+                      finetune_epochs=0, out=tmp_path, progress=False, calib_images=16, bn_batches=1)
+    assert [r["method"] for r in results["rows"]] == ["uniform"] and results["skipped"] == {"fastnas": reason}
+    assert f"compare: skipping fastnas: {reason}\n" in capsys.readouterr().err
 
 
 def test_options_are_checked_before_any_work(monkeypatch):
@@ -296,7 +312,9 @@ def test_options_reach_fastnas_and_only_its_recorded_settings(monkeypatch, tmp_p
     from autoprune.cli import main
     from autoprune.prune import prune_settings
 
-    model, data = _tiny(), ap.data.load("synthetic", image_size=8)
+    torch.manual_seed(0)
+    model = ap.models.create("resnet20", num_classes=4).eval()  # a checkpoint needs a named model
+    data = ap.data.load("synthetic", image_size=8)
     space = ap.Space(model, torch.zeros(1, 3, 8, 8))
     _fake_runs(monkeypatch, space, offset=0.0)
     import autoprune.methods.fastnas as fastnas_method
@@ -312,11 +330,22 @@ def test_options_reach_fastnas_and_only_its_recorded_settings(monkeypatch, tmp_p
     default = prune_settings(model, data, "flops<=50%", "fastnas")["options"]
     assert (default["fastnas_batches"], default["fastnas_divisor"]) == (50, 8)  # = methods.fastnas.DEFAULTS
     assert fastnas_method.DEFAULTS == {"fastnas_batches": 50, "fastnas_divisor": 8}
-    for other in ("uniform", "greedy", "wsp", "tp_global", "selfgroup"):
-        recorded = prune_settings(model, data, "flops<=50%", other)["options"]
-        assert not {"fastnas_batches", "fastnas_divisor"} & set(recorded)
-    # on the command line: checked before any baseline is trained or loaded, one line, exit 2
+    for other in ("uniform", "greedy", "wsp", "tp_global", "selfgroup"):  # compare hands them to every arm
+        recorded = prune_settings(model, data, "flops<=50%", other)
+        assert not {"fastnas_batches", "fastnas_divisor"} & set(recorded["options"])
+        assert prune_settings(model, data, "flops<=50%", other, fastnas_batches=64, fastnas_divisor=4) == recorded
+    # on the command line: given values reach ModelOpt's run and the run's settings...
+    from autoprune import checkpoint
     monkeypatch.chdir(tmp_path)
+    checkpoint.save_baseline(tmp_path / "base.pt", model, data={"name": "synthetic", "image_size": 8},
+                             input_shape=[3, 8, 8])
+    seen.clear()
+    assert main(["prune", "--checkpoint", "base.pt", "--method", "fastnas", "--flops", "50%", "--epochs", "0",
+                 "--calib-images", "16", "--fastnas-batches", "72", "--fastnas-divisor", "2", "--out", "cli",
+                 "--no-progress"]) == 0
+    recorded = json.loads((tmp_path / "cli" / "report.json").read_text())["settings"]["options"]
+    assert seen[0] == (72, 2) and (recorded["fastnas_batches"], recorded["fastnas_divisor"]) == (72, 2)
+    # ...and are checked before any baseline is trained or loaded, one line, exit 2
     capsys.readouterr()
     prune_cmd = ["prune", "--method", "fastnas", "--flops", "50%"]
     for cmd, flag, why in ((prune_cmd, "--fastnas-batches", "fastnas_batches"),

@@ -311,3 +311,31 @@ def test_sigint_injected_after_each_rename_syscall(tmp_path):
         assert tags(out, NAMES) == {state}, when
         seen.add((state, done.returncode))
     assert {state for state, _ in seen} == {"old", "new"}
+
+
+def test_two_writers_of_one_plot_at_once_do_not_collide(tmp_path, monkeypatch):
+    """Two comparisons in one folder (the experiment scripts run two side by side) may write the
+    same plot at once: a save begun while another is half-written must not remove or overwrite
+    the other's temporary file (a shared temporary name made the first rename fail)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+
+    from autoprune import report
+
+    path = tmp_path / "accuracy_vs_flops.png"
+    original, nested = Figure.savefig, []
+
+    def savefig(fig, f, **kw):
+        original(fig, f, **kw)
+        if not nested:  # the outer save is half done: another writer saves the same plot now
+            nested.append(1)
+            inner, ax = plt.subplots()
+            ax.plot([0, 1], [1, 0])
+            report._save(inner, path)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    outer, ax = plt.subplots()
+    ax.plot([0, 1], [0, 1])
+    report._save(outer, path)
+    assert nested and path.read_bytes().startswith(b"\x89PNG") and path.stat().st_size > 1000
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left
