@@ -88,7 +88,8 @@ def test_a_resume_without_a_record_warns_and_is_marked_incomplete(tmp_path):
     ('{"segments": [[1, 9e12]]}', "a day from now"),
     ('{"segments": ' + "[" * 100_000 + "]" * 100_000 + "}", "recursion"),
     ('{"segments": [' + ",".join(["[1, 2]"] * 10_001) + "]}", "at most 10,000"),
-])
+], ids=["not-json", "no-segments", "not-a-list", "ends-before-start", "four-times", "mark-after-seen",
+        "bool", "string", "nan", "infinite-span", "huge-int", "far-future", "deep-nesting", "too-many"])
 def test_a_record_that_is_not_one_is_refused_with_one_line(tmp_path, text, why):
     path = tmp_path / CLOCK_FILE
     path.write_text(text)
