@@ -4,7 +4,7 @@
 # machine, measured: one baseline epoch takes ~2 min with 2 torch threads and nothing else
 # running (~8.7 min on one thread with the other core busy), so 10 epochs (28 min on
 # 2026-12-03, 91.72% test); the greedy scores every unit's candidate at every step (3x the
-# units, each 3x the cost), so 5%-of-FLOPs steps (10 steps to 50%, projected ~16 min a run;
+# units, each 3x the cost), so 5%-of-FLOPs steps (10 steps to 50%, ~6 min a run measured;
 # ResNet-20 uses 2%); 50% only (a second budget would double the time of the 50% phases); the
 # greedy runs last on its side of phase 1, so that an interrupted session has finished the
 # cheaper width arms.
