@@ -109,11 +109,18 @@ WSP_VARIANT = arg("--wsp-variant", default="weight", choices=Later(_wsp_variants
 """Method wsp's saliency variant (:data:`autoprune.criteria.wsp.VARIANTS`)."""
 
 
-def _greedy_help(text: str, key: str) -> Later:
+def _default_help(method: str, text: str, key: str) -> Later:
+    """``text`` and the default of option ``key`` from ``autoprune.methods.<method>.DEFAULTS``,
+    read when the help is shown (the method's module is not imported at start-up)."""
     def make() -> str:
-        from .methods.greedy import DEFAULTS
-        return f"{text} (default {DEFAULTS[key]})"
+        from importlib import import_module
+        defaults = import_module(f".methods.{method}", __package__).DEFAULTS
+        return f"{text} (default {defaults[key]})"
     return Later(make)
+
+
+def _greedy_help(text: str, key: str) -> Later:
+    return _default_help("greedy", text, key)
 
 
 GREEDY = (
@@ -149,10 +156,7 @@ GREEDY = (
 
 
 def _fastnas_help(text: str, key: str) -> Later:
-    def make() -> str:
-        from .methods.fastnas import DEFAULTS
-        return f"{text} (default {DEFAULTS[key]})"
-    return Later(make)
+    return _default_help("fastnas", text, key)
 
 
 FASTNAS = (
