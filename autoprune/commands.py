@@ -382,7 +382,7 @@ def _fidelity(args: argparse.Namespace, model, bundle, budgets: list, out: Path,
     from .fidelity import markdown, proxy_fidelity, write_fidelity
 
     result = proxy_fidelity(model, bundle, budgets=budgets, n=n, space=args.space, finetune_epochs=args.epochs,
-                            seed=args.seed, progress=not args.no_progress, **kw)
+                            seed=args.seed, progress=not args.no_progress, out=out, **kw)
     write_fidelity(out, result)
     print(f"proxy fidelity over {n} structures per budget (Kendall tau with the accuracy after the "
           f"full fine-tune, {100 * result['confidence']:g}% bootstrap interval):")

@@ -36,6 +36,7 @@ from . import methods as width_methods
 from .budget import Budget
 from .checkpoint import atomic_write_text, write_json
 from .data import DataBundle
+from .differences import differences, flat, plain
 from .errors import AutopruneError, BudgetError, OptionError, short
 from .pipeline import check_options as check_prune_options
 from .prune import SEARCH_ONLY, prune, prune_settings, search_run
@@ -159,11 +160,6 @@ def compare(model: nn.Module, data: DataBundle,
 # --------------------------------------------------------------------------- one run, reused if finished
 
 
-def _plain(value):
-    """``value`` as it reads back from report.json (tuples as lists, keys as text)."""
-    return json.loads(json.dumps(value, default=str))
-
-
 def _run(model: nn.Module, data: DataBundle, budget: Budget, method: str, seed: int, out: Path | None,
          **kw) -> dict:
     """One method's report at one budget and seed. A run finished in ``out`` with the same
@@ -171,7 +167,7 @@ def _run(model: nn.Module, data: DataBundle, budget: Budget, method: str, seed: 
     is resumed, so an interrupted compare loses nothing; one with other settings is redone."""
     if out is None:
         return prune(model, data, budget, method=method, seed=seed, out=out, **kw).report
-    expected = _plain(prune_settings(model, data, budget, method, seed=seed, **kw))
+    expected = plain(prune_settings(model, data, budget, method, seed=seed, **kw))
     if (out / "report.json").is_file():
         report = _finished(out / "report.json", budget, method, seed, expected)
         if report is not None:
@@ -205,7 +201,7 @@ def _finished(path: Path, budget: Budget, method: str, seed: int, expected: Mapp
         if not isinstance(recorded, dict):
             print(f"{name}: rerunning (its report records no settings: an older run)", file=sys.stderr)
             return None
-        changed = _differences(recorded, expected)
+        changed = differences(recorded, expected)
         if changed:
             print(f"{name}: rerunning ({changed})", file=sys.stderr)
             return None
@@ -226,32 +222,6 @@ def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def _flat(settings: Mapping, prefix: str = "") -> dict:
-    out = {}
-    for key, value in settings.items():
-        if isinstance(value, Mapping) and value:
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def _differences(recorded: Mapping, expected: Mapping, keys: "Sequence[str] | None" = None) -> str:
-    """``"finetune_epochs 5 -> 3, trials 16 -> 8"``: every setting (``keys``: only those) whose
-    recorded value differs from the expected one; empty if none does."""
-    old, new = _flat(recorded), _flat(expected)
-    keys = list(keys) if keys is not None else [*new, *(k for k in old if k not in new)]
-    missing = object()
-    parts = [f"{k.removeprefix('options.')} {_show(old.get(k, missing), missing)} -> "
-             f"{_show(new.get(k, missing), missing)}"
-             for k in keys if old.get(k, missing) != new.get(k, missing)]
-    return ", ".join(parts[:4]) + (f" and {len(parts) - 4} more" if len(parts) > 4 else "")
-
-
-def _show(value, missing) -> str:
-    return "(none)" if value is missing else short(value, 24)
-
-
 def _resume_differences(out: Path, expected: Mapping) -> str:
     """What the interrupted search in ``out`` recorded (search.json, space.yaml) that differs
     from ``expected`` (settings a resume would not change); empty if it can be resumed."""
@@ -267,7 +237,7 @@ def _resume_differences(out: Path, expected: Mapping) -> str:
     recorded = {"budget": {"kind": b.kind, "value": b.value, "relative": b.relative},
                 "method": saved.get("method") or "search", "seed": saved["seed"],
                 "options": {"space": digest, "trials": saved["trials"], "workers": saved["workers"]}}
-    return _differences(_plain(recorded), expected, keys=list(_flat(recorded)))
+    return differences(plain(recorded), expected, keys=list(flat(recorded)))
 
 
 def _slug(budget: "Budget | str") -> str:

@@ -24,6 +24,7 @@ from . import evaluate
 from .budget import Budget
 from .data import DataBundle
 from .errors import OptionError, short
+from .fidelity_progress import PROGRESS_FILE, Progress, study_settings
 from .search.space import SearchSpace
 from .search.validate import Section
 
@@ -119,12 +120,14 @@ def markdown(result: Mapping) -> str:
 
 def write_fidelity(out: str | Path, result: Mapping) -> None:
     """``fidelity.md`` (:func:`markdown`) and ``fidelity.json`` (the whole result) in ``out``, each
-    atomically; the JSON last, so that it marks a finished study (the experiment scripts skip one)."""
+    atomically; the JSON last, so that it marks a finished study (the experiment scripts skip one);
+    then the study's progress record, which fidelity.json supersedes, is removed."""
     from .checkpoint import atomic_write_text, write_json
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "fidelity.md", markdown(result))
     write_json(out / "fidelity.json", result)
+    (out / PROGRESS_FILE).unlink(missing_ok=True)  # fidelity.json now holds every row
 
 
 # --------------------------------------------------------------------------- the proxies of a space
@@ -199,7 +202,8 @@ def proxy_fidelity(model: nn.Module, data: DataBundle, budget: "str | Budget | N
                    space: "str | SearchSpace" = "generic", finetune_epochs: int = 5, seed: int = 0,
                    calib_images: int = 512, progress: bool = False, *,
                    budgets: "Sequence[str | Budget] | None" = None, bn_batches: int = 50, lr: float = 0.01,
-                   resamples: int = 2000, confidence: float = 0.95, device=None) -> dict:
+                   resamples: int = 2000, confidence: float = 0.95, device=None,
+                   out: "str | Path | None" = None) -> dict:
     """Kendall τ between the search's proxy scores and accuracy after the full fine-tune.
 
     ``budgets`` (or one ``budget``; default ``flops<=50%``): every budget is measured on the
@@ -217,6 +221,10 @@ def proxy_fidelity(model: nn.Module, data: DataBundle, budget: "str | Budget | N
     score), ``accuracy_adaptive_bn``, ``final``) and ``tau`` (:func:`tau_rows`: one row per
     budget and proxy with τ, its ``confidence`` bootstrap interval over ``resamples``
     resamples, ``n`` and the tied proxy pairs).
+
+    With ``out`` the study can be interrupted: each finished structure is kept in
+    ``out/fidelity-progress.json`` and a rerun with the same settings measures only the rest
+    (:mod:`autoprune.fidelity_progress`); :func:`write_fidelity` removes that file.
     """
     import optuna
     import torch
@@ -251,10 +259,13 @@ def proxy_fidelity(model: nn.Module, data: DataBundle, budget: "str | Budget | N
         define(trial)
         configs.append(dict(trial.params))
 
+    names = [BN_ONLY, *(p["name"] for p in lengths)]
+    kept = Progress(out, study_settings(model, data, spec, budgets, n=n, seed=seed, finetune_epochs=finetune_epochs,
+                                        lr=lr, bn_batches=bn_batches, calib_images=calib_images), configs, names)
     candidates: dict[str, list[dict]] = {}
     for b in budgets:
-        rows = candidates[str(b)] = []
-        for i, config in enumerate(configs):
+        rows = candidates[str(b)] = kept.done(str(b))
+        for i, config in list(enumerate(configs))[len(rows):]:
             if progress:
                 print(f"fidelity {b}: structure {i + 1}/{n}", file=sys.stderr)
             shared = shared_for(b, 0, None)
@@ -278,7 +289,7 @@ def proxy_fidelity(model: nn.Module, data: DataBundle, budget: "str | Budget | N
             rows.append({"candidate": i, "config": config, "flops": flops, "params": nparams,
                          "proxy": scored, "accuracy_adaptive_bn": after_bn,
                          "final": evaluate.accuracy(small.eval(), data.test, device=device)})
-    names = [BN_ONLY, *(p["name"] for p in lengths)]
+            kept.add(str(b), rows[-1])
     return {"space": spec.name, "n": n, "seed": seed, "budgets": [str(b) for b in budgets],
             "finetune_epochs": finetune_epochs, "lr": lr, "bn_batches": bn_batches,
             "calib_images": calib_images, "proxy": dict(proxy), "asha": dict(spec.asha) if spec.asha else None,

@@ -34,7 +34,7 @@ from .space import Space
 __all__ = ["CalibrationBatches", "DI_MIN_CALIB_IMAGES", "LABEL_CRITERIA", "Result", "calibration_batches",
            "calibration_specs", "check_fits",
            "check_options", "criterion_params", "criterion_scores", "finish", "measure", "mixed_scores",
-           "measured_budget", "write_outputs", "baseline_digest", "compute_record", "run_settings"]
+           "measured_budget", "write_outputs", "baseline_digest", "compute_record", "release", "run_settings"]
 
 
 @dataclass
@@ -280,15 +280,19 @@ def run_settings(model: nn.Module, data: DataBundle, budget: Budget, method: str
     numbers), method, seed, the method's ``options`` (by their ``prune()`` names, the fine-tune's
     included; a search space as its digest) and autoprune's version. A comparison reuses a
     finished run only when these are equal (:func:`autoprune.compare.compare`)."""
+    return {"data": {"name": data.name, "settings": dict(data.settings)}, "baseline": baseline_digest(model),
+            "budget": {"kind": budget.kind, "value": budget.value, "relative": budget.relative},
+            "method": method, "seed": seed, "options": dict(options), "autoprune": release()}
+
+
+def release() -> str:
+    """autoprune's installed version ("not installed" when run from a source tree never installed)."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
-        release = version("autoprune")
-    except PackageNotFoundError:  # run from a source tree that was never installed
-        release = "not installed"
-    return {"data": {"name": data.name, "settings": dict(data.settings)}, "baseline": baseline_digest(model),
-            "budget": {"kind": budget.kind, "value": budget.value, "relative": budget.relative},
-            "method": method, "seed": seed, "options": dict(options), "autoprune": release}
+        return version("autoprune")
+    except PackageNotFoundError:
+        return "not installed"
 
 
 def write_outputs(out: Path, plan: Plan, small: nn.Module, report: dict,

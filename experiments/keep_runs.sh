@@ -2,12 +2,15 @@
 # Keep an experiment's progress in the repository, so a fresh clone continues where the last
 # commit stopped (runs/ is not tracked and a new machine starts without it).
 #   experiments/keep_runs.sh save OUT KEEP     copy OUT's baseline (base.pt), every finished
-#                                              run's report.json and plan.json, and every
-#                                              finished fidelity study into KEEP
+#                                              run's report.json and plan.json, every
+#                                              finished fidelity study and an unfinished
+#                                              study's fidelity-progress.json into KEEP
 #   experiments/keep_runs.sh restore KEEP OUT  copy them back into OUT where OUT lacks them
 # compare reuses a run from its report.json alone, and only when every recorded setting
 # (baseline digest included) matches, so a restored run is reused exactly as the original.
-# An unfinished search (tune/, no report.json) is not kept: it starts again on a new machine.
+# An unfinished search (tune/, no report.json) is not kept: it starts again on a new machine; an
+# unfinished fidelity study resumes from its kept structures (autoprune fidelity checks that
+# every recorded setting matches before it reuses them).
 set -euo pipefail
 mode=${1:?usage: keep_runs.sh save OUT KEEP | restore KEEP OUT}
 from=${2:?usage: keep_runs.sh save OUT KEEP | restore KEEP OUT}
@@ -42,7 +45,13 @@ for study in "$from"/fidelity-*/fidelity.json; do
     [ -f "$study" ] || continue
     dir=$(basename "$(dirname "$study")")
     for f in "$(dirname "$study")"/*; do
-        [ "$f" = "$study" ] || copy "$f" "$to/$dir/$(basename "$f")"
+        [ "$f" = "$study" ] || [ "$(basename "$f")" = fidelity-progress.json ] || copy "$f" "$to/$dir/$(basename "$f")"
     done
     copy "$study" "$to/$dir/fidelity.json"  # last: it marks a finished study
+    [ "$mode" = save ] && rm -f "$to/$dir/fidelity-progress.json"  # superseded by fidelity.json
+done
+for progress in "$from"/fidelity-*/fidelity-progress.json; do  # an unfinished study's finished structures
+    [ -f "$progress" ] || continue
+    dir=$(basename "$(dirname "$progress")")
+    [ -f "$from/$dir/fidelity.json" ] || [ -f "$to/$dir/fidelity.json" ] || copy "$progress" "$to/$dir/fidelity-progress.json"
 done

@@ -220,7 +220,8 @@ FAKE_REPORT = {"method": "search", "seed": 0, "elapsed_s": 1.0, "widths": {"conv
 
 def test_kept_runs_are_restored_and_reused_on_a_fresh_machine(trained, tmp_path):
     """experiments/keep_runs.sh: `save` keeps the baseline, each finished run's report and plan
-    and each finished fidelity study (no models, no unfinished search); `restore` puts them
+    and each finished fidelity study or an unfinished one's progress record (no models, no
+    unfinished search); `restore` puts them
     into an empty folder without overwriting; compare there reuses the restored runs."""
     import subprocess
     from pathlib import Path
@@ -239,11 +240,15 @@ def test_kept_runs_are_restored_and_reused_on_a_fresh_machine(trained, tmp_path)
     (out / "fidelity-60").mkdir()
     (out / "fidelity-60" / "fidelity.md").write_text("table")
     (out / "fidelity-60" / "fidelity.json").write_text("{}")
-    (out / "fidelity-30").mkdir()  # unfinished: no fidelity.json
+    (out / "fidelity-30").mkdir()  # unfinished: no fidelity.json, its finished structures so far
     (out / "fidelity-30" / "fidelity.md").write_text("partial")
+    (out / "fidelity-30" / "fidelity-progress.json").write_text("rows")
+    (keep / "fidelity-60").mkdir(parents=True)  # kept while fidelity-60 was unfinished: now superseded
+    (keep / "fidelity-60" / "fidelity-progress.json").write_text("old rows")
     subprocess.run(["bash", str(script), "save", str(out), str(keep)], check=True)
     kept = sorted(str(p.relative_to(keep)) for p in keep.rglob("*") if p.is_file())
-    assert kept == ["base.pt", "fidelity-60/fidelity.json", "fidelity-60/fidelity.md",
+    assert kept == ["base.pt", "fidelity-30/fidelity-progress.json", "fidelity-60/fidelity.json",
+                    "fidelity-60/fidelity.md",
                     "runs/flops-60pct-uniform-s0/plan.json", "runs/flops-60pct-uniform-s0/report.json",
                     "runs/flops-60pct-wsp-s0/plan.json", "runs/flops-60pct-wsp-s0/report.json"]
     marked = keep / "runs" / "flops-60pct-wsp-s0" / "report.json"
@@ -253,6 +258,7 @@ def test_kept_runs_are_restored_and_reused_on_a_fresh_machine(trained, tmp_path)
     mine.write_text((out / "runs" / "flops-60pct-uniform-s0" / "report.json").read_text())
     subprocess.run(["bash", str(script), "restore", str(keep), str(fresh)], check=True)
     assert (fresh / "base.pt").read_bytes() == b"baseline" and (fresh / "fidelity-60" / "fidelity.md").is_file()
+    assert (fresh / "fidelity-30" / "fidelity-progress.json").read_text() == "rows"  # resumes there
     assert mine.read_text() == (out / "runs" / "flops-60pct-uniform-s0" / "report.json").read_text()
     again = compare(model, data, out=fresh, **kw)  # both runs reused: wsp's marked elapsed comes back
     assert {r["method"]: r["elapsed_s"] for r in again["rows"]} == \

@@ -177,3 +177,107 @@ def test_compare_fidelity_writes_json_and_markdown_for_every_budget(baseline, tm
     assert result["bn_batches"] == 50  # the runs' default recipe
     assert (out / "fidelity.md").read_text() == fidelity.markdown(result)
     assert (out / "results.json").is_file()
+
+
+# --------------------------------------------------------------------------- resuming an interrupted study
+
+
+def _fidelity_argv(path, tmp_path, out, *extra):
+    return ["fidelity", "--checkpoint", str(path), "--flops", "60%", "40%", "--n", "3", "--epochs", "0",
+            "--space", str(tmp_path / "tiny.yaml"), "--bn-batches", "2", "--out", str(out), "--no-progress",
+            *extra]
+
+
+@pytest.fixture
+def builds(monkeypatch):
+    """Counts the structures the study builds; ``builds.stop_at = k`` interrupts the k-th (Ctrl-C)."""
+    from autoprune.search import trial
+
+    real, calls = trial.build_structure, []
+
+    def counted(*args, **kw):
+        calls.append(1)
+        if len(calls) == getattr(counted, "stop_at", None):
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+    counted.calls = calls
+    monkeypatch.setattr(trial, "build_structure", counted)
+    return counted
+
+
+def test_an_interrupted_study_resumes_with_only_the_structures_it_lacks(baseline, tmp_path, capsys, builds):
+    path = baseline[0]
+    fresh = tmp_path / "fresh"
+    assert main(_fidelity_argv(path, tmp_path, fresh)) == 0, capsys.readouterr().err
+    expected = json.loads((fresh / "fidelity.json").read_text())
+    per = len(builds.calls) // 6  # builds per structure (its own, then each proxy's)
+    assert per * 6 == len(builds.calls) and not (fresh / fidelity.PROGRESS_FILE).exists()  # removed once finished
+
+    out = tmp_path / "fid"
+    builds.calls.clear()
+    builds.stop_at = 4 * per + 1  # Ctrl-C as the second structure of the second budget starts
+    assert main(_fidelity_argv(path, tmp_path, out)) == 130
+    kept = json.loads((out / fidelity.PROGRESS_FILE).read_text())["rows"]
+    assert [len(kept[b]) for b in expected["budgets"]] == [3, 1] and not (out / "fidelity.json").exists()
+
+    builds.calls.clear()
+    builds.stop_at = None
+    capsys.readouterr()
+    assert main(_fidelity_argv(path, tmp_path, out)) == 0, capsys.readouterr().err
+    assert len(builds.calls) == 2 * per  # only the two structures the first run lacked
+    assert "resuming" in capsys.readouterr().err
+    result = json.loads((out / "fidelity.json").read_text())
+    assert result["candidates"] == expected["candidates"] and result["tau"] == expected["tau"]
+    assert not (out / fidelity.PROGRESS_FILE).exists()
+
+
+def _interrupted_after_one_structure(argv, monkeypatch) -> None:
+    """Run ``argv``, Ctrl-C right after the first structure is kept."""
+    from autoprune.fidelity_progress import Progress
+
+    real = Progress.add
+
+    def add(self, budget, row):
+        real(self, budget, row)
+        raise KeyboardInterrupt
+    with monkeypatch.context() as m:
+        m.setattr(Progress, "add", add)
+        assert main(argv) == 130
+
+
+def test_a_study_with_other_settings_starts_over_and_says_why(baseline, tmp_path, capsys, builds, monkeypatch):
+    out = tmp_path / "fid"
+    _interrupted_after_one_structure(_fidelity_argv(baseline[0], tmp_path, out), monkeypatch)
+    builds.calls.clear()
+    capsys.readouterr()
+    assert main(_fidelity_argv(baseline[0], tmp_path, out, "--bn-batches", "3")) == 0
+    err = capsys.readouterr().err
+    assert "other settings (bn_batches 2 -> 3)" in err and "starting over" in err and "resuming" not in err
+    assert len(builds.calls) % 6 == 0 and len(builds.calls) >= 6  # every structure of both budgets again
+
+
+@pytest.mark.parametrize("damage, fact", [
+    (lambda r: "{not json", "Expecting"),
+    (lambda r: json.dumps([r]), "settings and rows"),
+    (lambda r: json.dumps(r | {"rows": {"flops<=60%": r["rows"]["flops<=60%"]}}), "budgets"),
+    (lambda r: json.dumps(r | {"rows": {b: [v | {"config": {"x": 1}} for v in rows]
+                                        for b, rows in r["rows"].items()}}), "not structure 0"),
+    (lambda r: json.dumps(r | {"rows": {b: [v | {"final": 7.0} for v in rows]
+                                        for b, rows in r["rows"].items()}}), "from 0 to 1"),
+    (lambda r: json.dumps(r | {"rows": {b: [v | {"proxy": {}} for v in rows]
+                                        for b, rows in r["rows"].items()}}), "proxy must give"),
+    (lambda r: "[" * 100_000 + "]" * 100_000, "recursion"),
+    (lambda r: " " * (1 + (64 << 20)), "larger than 64 MiB"),
+], ids=["json", "shape", "budgets", "structure", "accuracy", "proxy", "deep", "huge"])
+def test_a_damaged_progress_record_is_refused_with_one_line(baseline, tmp_path, capsys, builds, monkeypatch,
+                                                           damage, fact):
+    out = tmp_path / "fid"
+    _interrupted_after_one_structure(_fidelity_argv(baseline[0], tmp_path, out), monkeypatch)
+    record = out / fidelity.PROGRESS_FILE
+    record.write_text(damage(json.loads(record.read_text())))
+    builds.calls.clear()
+    capsys.readouterr()
+    assert main(_fidelity_argv(baseline[0], tmp_path, out)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(record) in err[0] and fact in err[0] and "delete it" in err[0], err
+    assert not builds.calls and not (out / "fidelity.json").exists()
