@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from .errors import AutopruneError, short
+from .errors import AutopruneError, OptionError, short
 from .idx import ENV_VAR as IDX_ENV_VAR, SYSTEM_DIR as IDX_SYSTEM_DIR
 from .limits import MAX_CHANNELS, MAX_CLASSES, MAX_IMAGE_SIZE
 from .train import MAX_LR
@@ -183,6 +183,25 @@ def greedy_options(args: argparse.Namespace) -> dict:
 def fastnas_options(args: argparse.Namespace) -> dict:
     """The fastnas options given on the command line, as :func:`autoprune.prune` keywords."""
     return _given(args, ("fastnas_batches", "fastnas_divisor"))
+
+
+OPTION_OWNERS = {"greedy": greedy_options, "fastnas": fastnas_options}
+"""The method each group of method options belongs to, and the group's reader."""
+
+
+def method_options(args: argparse.Namespace, methods: "list[str]") -> dict:
+    """Every method option given on the command line (greedy's and fastnas's), as
+    :func:`autoprune.prune` keywords; OptionError for one whose method is not among ``methods``
+    (it would do nothing, and a user who gave it expects it to)."""
+    given = {}
+    for owner, read in OPTION_OWNERS.items():
+        options = read(args)
+        if options and owner not in methods:
+            flag = "--" + next(iter(options)).replace("_", "-")
+            raise OptionError(f"{flag} is an option of method {owner}, which this command does not run "
+                              f"(methods: {', '.join(methods) or 'none'})")
+        given |= options
+    return given
 
 
 def _data_help(required: bool) -> Callable[[], str]:

@@ -14,7 +14,7 @@ import torch
 
 from .cli_args import (BASELINE, BASELINE_AND_BUDGET, BUDGETS, CHANNELS, CLASSES, DATA, FASTNAS, FINETUNE,
                        GREEDY, IMAGE_SIZE, LR, NONNEG_INT, POS_INT, SEED, WSP_VARIANT, Later, UsageError, arg,
-                       budget_of, budgets_of, command, data_options, fastnas_options, greedy_options,
+                       budget_of, budgets_of, command, data_options, method_options as method_options_of,
                        parse_criterion, writable_dir, writable_file)
 from .errors import AutopruneError, CheckpointError, ModelError
 from .limits import MAX_CLASSES, MAX_IMAGE_SIZE
@@ -232,7 +232,7 @@ def prune(args: argparse.Namespace) -> int:
     from .prune import prune as run
 
     budget = budget_of(args)  # every option checked before a baseline is trained or loaded
-    method_options = greedy_options(args) | fastnas_options(args)
+    method_options = method_options_of(args, [args.method])
     criterion = check_options(args.method, parse_criterion(args.criterion), args.clusters,
                               calib_images=args.calib_images, cluster_k=args.cluster_k,
                               wsp_variant=args.wsp_variant, sg_k=args.sg_k, **method_options)
@@ -346,7 +346,7 @@ def compare(args: argparse.Namespace) -> int:
     budgets = budgets_of(args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     criterion = parse_criterion(args.criterion)
-    method_options = greedy_options(args) | fastnas_options(args)
+    method_options = method_options_of(args, methods)
     # the space too if a search runs
     check_options(methods, criterion, space=args.space, what="--methods", **method_options)
     searches = any(search_run(m) is not None for m in methods)

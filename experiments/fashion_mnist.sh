@@ -59,7 +59,7 @@ if [ ! -f "$base" ]; then
     save
 fi
 common=(--checkpoint "$base" --data fashion-mnist --image-size 16 --train-size 10000 --seeds 0 1 2 3 4
-        --epochs 2 --greedy-step "${GREEDY_STEP:-0.02}" --space resnet_cifar --trials 16 --workers 2 --out "$out" --no-progress)
+        --epochs 2 --space resnet_cifar --trials 16 --workers 2 --out "$out" --no-progress)
 arms=${ARMS:-uniform,greedy,wsp,tp_global,random,search,search_widths}
 widths= searches=  # phase 1's two sides: the width arms, and the arms the search runner runs
 for arm in ${arms//,/ }; do
@@ -70,7 +70,11 @@ fidelity() {  # proxy fidelity at one budget, into its own folder (skipped once 
     $ap fidelity --checkpoint "$base" --data fashion-mnist --image-size 16 --train-size 10000 \
         --flops "$1" --n 24 --epochs 2 --space resnet_cifar --out "$out/fidelity-${1%\%}" --no-progress
 }
-compare() { $ap compare "${common[@]}" "$@"; }
+compare() {  # the greedy's step only where the greedy runs (compare refuses an option no method reads)
+    local step=()
+    [[ " $* " != *greedy* ]] || step=(--greedy-step "${GREEDY_STEP:-0.02}")
+    $ap compare "${common[@]}" "${step[@]}" "$@"
+}
 side_by_side() {  # run "$1" and "$2" (each a command line in a string) at once; fail if either fails
     # Each side runs as a process group of its own (job control on); Ctrl-C or SIGTERM to this
     # script is passed on to both groups as SIGINT (each stops cleanly, an interrupted search

@@ -269,11 +269,24 @@ def test_cli_prune_with_checkpoint(base_ckpt, tmp_path, capsys):
     (["--flops", "50%", "--greedy-mode", "bogus"], "unknown greedy mode"),
     (["--flops", "50%", "--clusters", "kmeans"], "unknown clusters"),
     (["--flops", "50%", "--model", "resnet56"], "holds resnet20"),
+    (["--flops", "50%", "--method", "uniform", "--greedy-step", "0.1"],
+     "--greedy-step is an option of method greedy, which this command does not run (methods: uniform)"),
+    (["--flops", "50%", "--method", "search", "--fastnas-divisor", "8"], "--fastnas-divisor is an option of method fastnas"),
 ])
 def test_cli_prune_bad_input(base_ckpt, tmp_path, capsys, extra, needle):
     code, line = _run(["prune", "--checkpoint", str(base_ckpt), "--out", str(tmp_path / "o"),
                        "--no-progress", "--epochs", "0", *extra], capsys)
     assert code == 2 and needle in line and line.startswith("autoprune: error:")
+
+
+def test_compare_refuses_a_method_option_no_listed_method_reads(base_ckpt, tmp_path, capsys):
+    argv = ["compare", "--checkpoint", str(base_ckpt), "--flops", "50%", "--seeds", "0", "--epochs", "0",
+            "--out", str(tmp_path / "o"), "--no-progress", "--greedy-step", "0.1"]
+    code, line = _run([*argv, "--methods", "uniform,wsp"], capsys)
+    assert code == 2 and "--greedy-step is an option of method greedy" in line and "uniform, wsp" in line
+    assert not (tmp_path / "o" / "results.json").exists()
+    code, line = _run([*argv, "--methods", "uniform,greedy", "--fastnas-batches", "60"], capsys)
+    assert code == 2 and "--fastnas-batches is an option of method fastnas" in line
 
 
 def test_cli_prune_bad_files(base_ckpt, tmp_path, capsys):
