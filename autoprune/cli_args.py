@@ -192,11 +192,15 @@ OPTION_OWNERS = {"greedy": greedy_options, "fastnas": fastnas_options}
 def method_options(args: argparse.Namespace, methods: "list[str]") -> dict:
     """Every method option given on the command line (greedy's and fastnas's), as
     :func:`autoprune.prune` keywords; OptionError for one whose method is not among ``methods``
-    (it would do nothing, and a user who gave it expects it to)."""
+    (it would do nothing, and a user who gave it expects it to). With a method name that is
+    not registered, the method check that follows reports that instead."""
+    from .methods import available
+
+    known = set(available())
     given = {}
     for owner, read in OPTION_OWNERS.items():
         options = read(args)
-        if options and owner not in methods:
+        if options and owner not in methods and known.issuperset(methods):
             flag = "--" + next(iter(options)).replace("_", "-")
             raise OptionError(f"{flag} is an option of method {owner}, which this command does not run "
                               f"(methods: {', '.join(methods) or 'none'})")

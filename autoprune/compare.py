@@ -39,7 +39,7 @@ from .data import DataBundle
 from .differences import differences, flat, plain
 from .errors import AutopruneError, BudgetError, OptionError, short
 from .pipeline import check_options as check_prune_options
-from .prune import SEARCH_ONLY, prune, prune_settings, search_run
+from .prune import METHOD_ONLY, SEARCH_ONLY, prune, prune_settings, search_run
 from .search.space import SearchSpace
 from .fidelity import proxy_fidelity  # noqa: F401 - re-exported (moved to autoprune.fidelity)
 from .stats import CONFIDENCE, holm, interval, paired
@@ -201,7 +201,7 @@ def _finished(path: Path, budget: Budget, method: str, seed: int, expected: Mapp
         if not isinstance(recorded, dict):
             print(f"{name}: rerunning (its report records no settings: an older run)", file=sys.stderr)
             return None
-        changed = differences(recorded, expected)
+        changed = differences(_own_options(recorded, method), expected)
         if changed:
             print(f"{name}: rerunning ({changed})", file=sys.stderr)
             return None
@@ -212,7 +212,7 @@ def _finished(path: Path, budget: Budget, method: str, seed: int, expected: Mapp
         if not all(isinstance(w, list) and len(w) == 2 and all(isinstance(n, int) for n in w) and w[1] > 0
                    for w in report["widths"].values()):  # ...and the width plots
             raise TypeError("widths are not [kept, width] pairs")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError, ZeroDivisionError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError, ZeroDivisionError, RecursionError):
         print(f"{name}/{path.name} is unreadable; rerunning", file=sys.stderr)
         return None
     return report
@@ -220,6 +220,16 @@ def _finished(path: Path, budget: Budget, method: str, seed: int, expected: Mapp
 
 def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _own_options(recorded: Mapping, method: str) -> Mapping:
+    """``recorded`` settings without options that belong to another method
+    (:data:`autoprune.prune.METHOD_ONLY`): earlier versions recorded the greedy's options in
+    every width method's settings, where they had no effect, so they do not make a run stale."""
+    options = recorded.get("options")
+    if not isinstance(options, Mapping):
+        return recorded
+    return {**recorded, "options": {k: v for k, v in options.items() if METHOD_ONLY.get(k, method) == method}}
 
 
 def _resume_differences(out: Path, expected: Mapping) -> str:

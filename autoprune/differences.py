@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Mapping, Sequence
 
-from .errors import short
+from .errors import clip, short
 
 __all__ = ["differences", "flat", "plain"]
 
@@ -43,6 +43,9 @@ def differences(recorded: Mapping, expected: Mapping, keys: "Sequence[str] | Non
     def show(value) -> str:
         return "(none)" if value is missing else short(value, 24)
 
-    parts = [f"{k.removeprefix('options.')} {show(old.get(k, missing))} -> {show(new.get(k, missing))}"
+    def name(key: str) -> str:  # a recorded name is text from a file: escaped, bounded
+        return clip(repr(str(key)[:80])[1:-1], 40)
+
+    parts = [f"{name(k.removeprefix('options.'))} {show(old.get(k, missing))} -> {show(new.get(k, missing))}"
              for k in keys if old.get(k, missing) != new.get(k, missing)]
     return ", ".join(parts[:4]) + (f" and {len(parts) - 4} more" if len(parts) > 4 else "")

@@ -243,8 +243,11 @@ def proxy_fidelity(model: nn.Module, data: DataBundle, budget: "str | Budget | N
     probe = Space(model, torch.zeros(1, *data.input_shape, device=device))
     for b in budgets:  # every budget reachable, before calibration
         b.target(probe)
-    units, scores, labels = driver_state(model, data, spec, budgets[0], seed, calib_images, progress, device)
     lengths = proxies(spec)
+    names = [BN_ONLY, *(p["name"] for p in lengths)]
+    kept = Progress(out, study_settings(model, data, spec, budgets, n=n, seed=seed, finetune_epochs=finetune_epochs,
+                                        lr=lr, bn_batches=bn_batches, calib_images=calib_images), names)
+    units, scores, labels = driver_state(model, data, spec, budgets[0], seed, calib_images, progress, device)
     proxy = Section({**spec.proxy, "bn_batches": bn_batches})
 
     def shared_for(b: Budget, steps: int, asha) -> Shared:
@@ -259,15 +262,14 @@ def proxy_fidelity(model: nn.Module, data: DataBundle, budget: "str | Budget | N
         define(trial)
         configs.append(dict(trial.params))
 
-    names = [BN_ONLY, *(p["name"] for p in lengths)]
-    kept = Progress(out, study_settings(model, data, spec, budgets, n=n, seed=seed, finetune_epochs=finetune_epochs,
-                                        lr=lr, bn_batches=bn_batches, calib_images=calib_images), configs, names)
+    kept.match(configs)
     candidates: dict[str, list[dict]] = {}
     for b in budgets:
         rows = candidates[str(b)] = kept.done(str(b))
         for i, config in list(enumerate(configs))[len(rows):]:
             if progress:
                 print(f"fidelity {b}: structure {i + 1}/{n}", file=sys.stderr)
+            torch.manual_seed(seed)  # each structure from the same RNG state, resumed or not (augmentation)
             shared = shared_for(b, 0, None)
             _, small, _, flops, nparams = build_structure(shared, spec.candidate(config, units))
             small.to(device)

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from .checkpoint import write_json
+from .checkpoint import atomic_write_text
 from .differences import differences, plain
 from .errors import AutopruneError
 
@@ -29,7 +29,9 @@ __all__ = ["MAX_BYTES", "PROGRESS_FILE", "Progress", "study_settings"]
 
 PROGRESS_FILE = "fidelity-progress.json"
 MAX_BYTES = 64 << 20
-"""A record larger than this is refused (10,000 structures x a few budgets fit easily)."""
+"""A record larger than this is refused (rows are ~300 bytes of compact JSON: 200,000 fit)."""
+FORMAT = 1
+"""The record's format (the RNG seeded per structure since format 1): another one starts over."""
 ROW_KEYS = {"candidate", "config", "flops", "params", "proxy", "accuracy_adaptive_bn", "final"}
 
 
@@ -40,7 +42,8 @@ def study_settings(model, data, spec, budgets: Sequence, **options) -> dict:
     from .pipeline import baseline_digest, release
     from .search.runner import space_digest
 
-    return plain({"data": {"name": data.name, "settings": dict(data.settings)}, "baseline": baseline_digest(model),
+    return plain({"format": FORMAT, "data": {"name": data.name, "settings": dict(data.settings)},
+                  "baseline": baseline_digest(model),
                   "space": space_digest(spec), "budgets": [str(b) for b in budgets], "options": dict(options),
                   "autoprune": release()})
 
@@ -49,12 +52,13 @@ def _number(x, low: float = -math.inf, high: float = math.inf) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and low <= x <= high
 
 
-def _check_row(row, index: int, config: Mapping, names: Sequence[str]) -> None:
-    """ValueError unless ``row`` is the finished measurement of structure ``index`` (``config``)."""
+def _check_row(row, index: int, names: Sequence[str]) -> None:
+    """ValueError unless ``row`` is a finished measurement of structure ``index`` (its
+    structure is checked against the draw by :meth:`Progress.match`)."""
     if not isinstance(row, dict) or set(row) != ROW_KEYS:
         raise ValueError(f"row {index} does not have the keys {sorted(ROW_KEYS)}")
-    if row["candidate"] != index or row["config"] != plain(config):
-        raise ValueError(f"row {index} is not structure {index} of this study's draw")
+    if type(row["candidate"]) is not int or row["candidate"] != index or not isinstance(row["config"], dict):
+        raise ValueError(f"row {index} is not structure {index} of a study's draw")
     if not _number(row["flops"], 0) or not _number(row["params"], 0):
         raise ValueError(f"row {index}: flops and params must be non-negative numbers")
     proxy = row["proxy"]
@@ -66,22 +70,32 @@ def _check_row(row, index: int, config: Mapping, names: Sequence[str]) -> None:
 
 class Progress:
     """The finished rows of a study, kept in ``out/fidelity-progress.json`` (nothing kept
-    without ``out``). ``configs``: the structures drawn, in order; ``names``: the proxies."""
+    without ``out``); ``names``: the proxies. A record there is read and checked at once
+    (before any calibration); :meth:`match` then checks its rows against the structures drawn."""
 
-    def __init__(self, out: "str | Path | None", settings: Mapping, configs: Sequence[Mapping],
-                 names: Sequence[str]):
+    def __init__(self, out: "str | Path | None", settings: Mapping, names: Sequence[str]):
         self.path = Path(out) / PROGRESS_FILE if out is not None else None
         self.settings = plain(settings)
         self.rows: dict[str, list[dict]] = {b: [] for b in self.settings["budgets"]}
-        if self.path is not None and self.path.is_file():
-            self._resume(configs, names)
+        self._kept: dict | None = None
+        if self.path is not None and (self.path.exists() or self.path.is_symlink()):
+            self._kept = self._read(names)
 
-    def _resume(self, configs: Sequence[Mapping], names: Sequence[str]) -> None:
-        fix = "delete it to start the study over"
+    def _fail(self, why: object) -> AutopruneError:
+        return AutopruneError(f"{self.path}: not a fidelity progress record ({why}); delete it to start the "
+                              f"study over")
+
+    def _read(self, names: Sequence[str]) -> dict | None:
+        """The recorded rows (checked but for their structures), or None if they were measured
+        with other settings (one line on stderr says which)."""
         try:
-            if self.path.stat().st_size > MAX_BYTES:
+            if not self.path.is_file():
+                raise ValueError("not a file")
+            with self.path.open("rb") as f:
+                text = f.read(MAX_BYTES + 1)
+            if len(text) > MAX_BYTES:
                 raise ValueError(f"larger than {MAX_BYTES >> 20} MiB")
-            record = json.loads(self.path.read_text())
+            record = json.loads(text)
             if not isinstance(record, dict) or not isinstance(record.get("settings"), dict) \
                     or not isinstance(record.get("rows"), dict):
                 raise ValueError("not an object with settings and rows")
@@ -89,18 +103,30 @@ class Progress:
             if changed:
                 print(f"fidelity: {self.path} was measured with other settings ({changed}); starting over",
                       file=sys.stderr)
-                return
+                return None
             rows = record["rows"]
             if set(rows) != set(self.rows):
                 raise ValueError("its budgets are not the study's")
+            n = self.settings["options"]["n"]
             for budget, kept in rows.items():
-                if not isinstance(kept, list) or len(kept) > len(configs):
-                    raise ValueError(f"{budget}: not a list of at most {len(configs)} rows")
+                if not isinstance(kept, list) or len(kept) > n:
+                    raise ValueError(f"{budget}: not a list of at most {n} rows")
                 for i, row in enumerate(kept):
-                    _check_row(row, i, configs[i], names)
+                    _check_row(row, i, names)
         except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
-            raise AutopruneError(f"{self.path}: not a fidelity progress record ({exc}); {fix}") from None
-        self.rows = {b: rows[b] for b in self.rows}
+            raise self._fail(exc) from None
+        return rows
+
+    def match(self, configs: Sequence[Mapping]) -> None:
+        """Adopt the recorded rows if each is the structure drawn at its place (AutopruneError
+        if one is not); say how many were done."""
+        if not self._kept:
+            return
+        for budget, kept in self._kept.items():
+            for i, row in enumerate(kept):
+                if row["config"] != plain(configs[i]):
+                    raise self._fail(f"row {i} at {budget} is not structure {i} of this study's draw")
+        self.rows = {b: self._kept[b] for b in self.rows}
         done = sum(map(len, self.rows.values()))
         if done:
             print(f"fidelity: resuming from {self.path}: {done} of {len(configs) * len(self.rows)} "
@@ -111,7 +137,8 @@ class Progress:
         return list(self.rows[budget])
 
     def add(self, budget: str, row: Mapping) -> None:
-        """Keep ``row`` (the next structure at ``budget``) and rewrite the record."""
+        """Keep ``row`` (the next structure at ``budget``) and rewrite the record (compact JSON)."""
         self.rows[budget].append(plain(row))
         if self.path is not None:
-            write_json(self.path, {"settings": self.settings, "rows": self.rows})
+            atomic_write_text(self.path, json.dumps({"settings": self.settings, "rows": self.rows},
+                                                    separators=(",", ":")))

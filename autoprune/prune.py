@@ -168,10 +168,15 @@ RUN_ONLY = ("model", "data", "budget", "method", "seed", "out", "progress", "dev
 (budget, method, seed, the data and the baseline's digest) or without effect on the result."""
 SEARCH_ONLY = ("space", "trials", "workers")
 """prune() arguments only a search run reads."""
-METHOD_ONLY = {"fastnas_batches": "fastnas", "fastnas_divisor": "fastnas"}
+METHOD_ONLY = {"fastnas_batches": "fastnas", "fastnas_divisor": "fastnas",
+               **dict.fromkeys(("greedy_mode", "greedy_step", "greedy_bn_batches", "greedy_recalibrate",
+                                "greedy_rescore", "greedy_cap", "greedy_finetune_every", "greedy_finetune_steps",
+                                "greedy_screen"), "greedy")}
 """prune() options only one width method reads, recorded in report["settings"] only for that
-method: adding such an option leaves every other method's recorded settings, hence the reuse
-of its finished runs, as they were."""
+method: adding or changing such an option leaves every other method's recorded settings,
+hence the reuse of its finished runs, as they were. (Runs of versions before 2026-12-03
+recorded the greedy's options for every width method; :mod:`autoprune.compare` ignores them
+there.)"""
 
 
 def search_run(method: str) -> dict | None:

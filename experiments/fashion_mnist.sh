@@ -11,7 +11,7 @@
 # (fidelity-30/) beside (6) selfgroup at 30%. Every phase rewrites results.* from all
 # finished runs; running the script again after an interruption reuses every finished run
 # (only when all its settings match), resumes an interrupted search and skips a finished
-# fidelity study.
+# fidelity study (an interrupted one resumes from the structures it finished).
 #
 # Two cores, used side by side (one torch thread per process, OMP_NUM_THREADS=1 unless set;
 # the baseline, trained alone, with BASE_THREADS=2):
@@ -33,7 +33,8 @@
 # Copy results.*, fidelity.* and the plots to docs/results/fashion_mnist_MODEL/ when it finishes.
 #
 # Progress is kept in the repository: KEEP (default docs/results/fashion_mnist_MODEL) receives
-# the baseline, every finished run's report and plan and every finished fidelity study after
+# the baseline, every finished run's report and plan, every finished fidelity study and an
+# unfinished one's finished structures (fidelity-progress.json) after
 # each phase and when the script exits (experiments/keep_runs.sh; `keep_runs.sh save OUT KEEP`
 # by hand keeps a running phase's finished runs), and a fresh clone restores them first, so
 # the next machine continues where the last commit stopped (runs/ is not tracked).
@@ -70,10 +71,13 @@ fidelity() {  # proxy fidelity at one budget, into its own folder (skipped once 
     $ap fidelity --checkpoint "$base" --data fashion-mnist --image-size 16 --train-size 10000 \
         --flops "$1" --n 24 --epochs 2 --space resnet_cifar --out "$out/fidelity-${1%\%}" --no-progress
 }
-compare() {  # the greedy's step only where the greedy runs (compare refuses an option no method reads)
-    local step=()
-    [[ " $* " != *greedy* ]] || step=(--greedy-step "${GREEDY_STEP:-0.02}")
-    $ap compare "${common[@]}" "${step[@]}" "$@"
+compare() {  # the greedy's step only where --methods lists the greedy (compare refuses it otherwise)
+    local a prev= step=()
+    for a in "$@"; do
+        if [ "$prev" = --methods ] && [[ ",$a," == *,greedy,* ]]; then step=(--greedy-step "${GREEDY_STEP:-0.02}"); fi
+        prev=$a
+    done
+    $ap compare "${common[@]}" ${step[@]+"${step[@]}"} "$@"
 }
 side_by_side() {  # run "$1" and "$2" (each a command line in a string) at once; fail if either fails
     # Each side runs as a process group of its own (job control on); Ctrl-C or SIGTERM to this

@@ -102,18 +102,25 @@ def _finished_run(out, model, data, method, **kw):
     return run
 
 
-def test_reuse_needs_every_setting_to_match(untrained, tmp_path, monkeypatch, capsys):
-    """The same settings: reused, prune never called. Other epochs, or another baseline: rerun,
-    with one line naming what changed."""
+@pytest.fixture
+def pruned_calls(monkeypatch):
+    """compare's prune replaced by one that records ``(method, kw)`` and reports its settings."""
     import importlib
     compare_module = importlib.import_module("autoprune.compare")  # the module, not ap.compare
-    model, data = untrained
     calls = []
 
     def fake_prune(model, data, budget, method, **kw):
-        calls.append(kw)
+        calls.append((method, kw))
         return Result(model, None, _fake_report(method, prune_settings(model, data, budget, method, **kw)))
     monkeypatch.setattr(compare_module, "prune", fake_prune)
+    return calls
+
+
+def test_reuse_needs_every_setting_to_match(untrained, tmp_path, pruned_calls, capsys):
+    """The same settings: reused, prune never called. Other epochs, or another baseline: rerun,
+    with one line naming what changed."""
+    model, data = untrained
+    calls = pruned_calls
     _finished_run(tmp_path, model, data, "uniform", criterion=None, finetune_epochs=5, progress=False)
     kw = dict(budgets=("flops<=50%",), methods=("uniform",), seeds=(0,), out=tmp_path, progress=False)
     results = compare(model, data, finetune_epochs=5, **kw)
@@ -121,7 +128,7 @@ def test_reuse_needs_every_setting_to_match(untrained, tmp_path, monkeypatch, ca
     assert capsys.readouterr().err == ""
 
     results = compare(model, data, finetune_epochs=3, **kw)
-    assert len(calls) == 1 and calls[0]["finetune_epochs"] == 3
+    assert len(calls) == 1 and calls[0][1]["finetune_epochs"] == 3
     assert "runs/flops-50pct-uniform-s0: rerunning (finetune_epochs 5 -> 3)" in capsys.readouterr().err
 
     with torch.no_grad():  # the stored run has epochs 3 now (fake_prune's report is not written, so 5)
@@ -129,6 +136,27 @@ def test_reuse_needs_every_setting_to_match(untrained, tmp_path, monkeypatch, ca
     compare(model, data, finetune_epochs=5, **kw)
     err = capsys.readouterr().err
     assert len(calls) == 2 and "rerunning (baseline " in err and "finetune_epochs" not in err
+
+
+def test_the_greedys_options_belong_to_the_greedy_alone(untrained, tmp_path, pruned_calls, capsys):
+    """A width method other than the greedy records none of the greedy's options, so changing
+    them leaves its finished runs reusable; one recorded with them by an earlier version is
+    reused too; the greedy itself reruns when its step changes."""
+    model, data = untrained
+    settings = prune_settings(model, data, "flops<=50%", "uniform", greedy_step=0.05)
+    assert not any(k.startswith("greedy_") for k in settings["options"])
+    assert prune_settings(model, data, "flops<=50%", "greedy", greedy_step=0.05)["options"]["greedy_step"] == 0.05
+    run = _finished_run(tmp_path, model, data, "uniform", criterion=None, progress=False)
+    report = json.loads((run / "report.json").read_text())  # as an earlier version recorded it
+    report["settings"]["options"] |= {"greedy_step": 0.05, "greedy_mode": "accuracy"}
+    (run / "report.json").write_text(json.dumps(report))
+    _finished_run(tmp_path, model, data, "greedy", criterion=None, progress=False, greedy_step=0.05)
+    kw = dict(budgets=("flops<=50%",), methods=("uniform", "greedy"), seeds=(0,), out=tmp_path, progress=False)
+    compare(model, data, greedy_step=0.05, **kw)
+    assert pruned_calls == [] and capsys.readouterr().err == ""
+    compare(model, data, greedy_step=0.02, **kw)
+    assert [m for m, _ in pruned_calls] == ["greedy"]
+    assert "greedy-s0: rerunning (greedy_step 0.05 -> 0.02)" in capsys.readouterr().err
 
 
 def test_a_run_records_what_it_spent_and_what_it_depends_on(untrained):

@@ -266,9 +266,11 @@ def test_a_study_with_other_settings_starts_over_and_says_why(baseline, tmp_path
                                         for b, rows in r["rows"].items()}}), "from 0 to 1"),
     (lambda r: json.dumps(r | {"rows": {b: [v | {"proxy": {}} for v in rows]
                                         for b, rows in r["rows"].items()}}), "proxy must give"),
+    (lambda r: json.dumps(r | {"rows": {b: [v | {"candidate": False} for v in rows]
+                                        for b, rows in r["rows"].items()}}), "not structure 0"),
     (lambda r: "[" * 100_000 + "]" * 100_000, "recursion"),
     (lambda r: " " * (1 + (64 << 20)), "larger than 64 MiB"),
-], ids=["json", "shape", "budgets", "structure", "accuracy", "proxy", "deep", "huge"])
+], ids=["json", "shape", "budgets", "structure", "accuracy", "proxy", "bool", "deep", "huge"])
 def test_a_damaged_progress_record_is_refused_with_one_line(baseline, tmp_path, capsys, builds, monkeypatch,
                                                            damage, fact):
     out = tmp_path / "fid"
@@ -281,3 +283,14 @@ def test_a_damaged_progress_record_is_refused_with_one_line(baseline, tmp_path, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(record) in err[0] and fact in err[0] and "delete it" in err[0], err
     assert not builds.calls and not (out / "fidelity.json").exists()
+
+
+def test_a_progress_path_that_is_not_a_file_is_refused_before_any_work(baseline, tmp_path, capsys, monkeypatch):
+    from autoprune.search import runner
+
+    out = tmp_path / "fid"
+    (out / fidelity.PROGRESS_FILE).mkdir(parents=True)
+    monkeypatch.setattr(runner, "driver_state", lambda *a, **k: pytest.fail("calibrated before the check"))
+    assert main(_fidelity_argv(baseline[0], tmp_path, out)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a file" in err[0] and "delete it" in err[0]

@@ -272,6 +272,7 @@ def test_cli_prune_with_checkpoint(base_ckpt, tmp_path, capsys):
     (["--flops", "50%", "--method", "uniform", "--greedy-step", "0.1"],
      "--greedy-step is an option of method greedy, which this command does not run (methods: uniform)"),
     (["--flops", "50%", "--method", "search", "--fastnas-divisor", "8"], "--fastnas-divisor is an option of method fastnas"),
+    (["--flops", "50%", "--method", "magic", "--greedy-step", "0.1"], "unknown method"),
 ])
 def test_cli_prune_bad_input(base_ckpt, tmp_path, capsys, extra, needle):
     code, line = _run(["prune", "--checkpoint", str(base_ckpt), "--out", str(tmp_path / "o"),
