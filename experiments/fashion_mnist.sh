@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# Fashion-MNIST comparison for one CIFAR-style model: every arm at 50% (and SECOND_BUDGET) of the FLOPs,
-# 5 seeds, paired statistics, compute accounting, then FastNAS and proxy fidelity (24
-# structures per budget). Usage: experiments/fashion_mnist.sh MODEL [OUT].
+# Fashion-MNIST comparison for one CIFAR-style model: every arm at 50% of the FLOPs (and at
+# SECOND_BUDGET if set, e.g. 30%), 5 seeds, paired statistics, compute accounting, then FastNAS
+# and proxy fidelity (24 structures per budget). Usage: experiments/fashion_mnist.sh MODEL [OUT].
 #
 # Phased, so that whatever finishes is a complete table: (1) every arm but selfgroup and
-# fastnas at 50%, (2) proxy fidelity at 50% (fidelity-50/) beside (3) selfgroup and fastnas at
-# 50% (selfgroup fine-tunes ~6x slower than the dense arms on this CPU, ~3.5 min a run on
-# ResNet-20: it keeps every channel and evaluates grouped; fastnas is skipped with one line
-# without the peers extra), (4) every arm but selfgroup at 30%, (5) proxy fidelity at 30%
-# (fidelity-30/) beside (6) selfgroup at 30%. Every phase rewrites results.* from all
+# fastnas at 50%, (2) proxy fidelity at 50% (fidelity-50/), then selfgroup at 50%, beside
+# (3) fastnas at 50% (selfgroup fine-tunes ~6x slower than the dense arms on this CPU, ~3.5 min
+# a run on ResNet-20: it keeps every channel and evaluates grouped; fastnas searches ~8 min a
+# run on ResNet-20, ~13 on ResNet-56, and is skipped with one line without the peers extra);
+# only with SECOND_BUDGET: (4) every arm but selfgroup at both budgets, (5) proxy fidelity at
+# the second budget beside (6) selfgroup at it (a second budget about doubles the time, beyond
+# the two hours a model is meant to take on the 2-core machine). Every phase rewrites results.* from all
 # finished runs; running the script again after an interruption reuses every finished run
 # (only when all its settings match), resumes an interrupted search and skips a finished
 # fidelity study (an interrupted one resumes from the structures it finished).
@@ -40,7 +42,7 @@
 # the next machine continues where the last commit stopped (runs/ is not tracked).
 #
 # Per-model choices (environment, defaults for ResNet-20): BASE_EPOCHS (15), GREEDY_STEP
-# (0.02), SECOND_BUDGET (30%; empty: phases 4-6 skipped), ARMS (the arms of phases 1 and 4, in
+# (0.02), SECOND_BUDGET (empty: phases 4-6 skipped; e.g. 30%), ARMS (the arms of phases 1 and 4, in
 # the order they run). fashion_mnist_resnet56.sh sets them.
 set -euo pipefail
 export RAY_AUTH_MODE=disabled OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
@@ -109,9 +111,10 @@ side() {  # one side of phase 1 or 4: a compare of the arms in $1 at the budgets
 time side_by_side "side '$widths' --flops 50%" "side '$searches' --flops 50%"
 compare --flops 50% --methods "$arms"  # the table of all of phase 1's runs (each reused)
 save
-time side_by_side "fidelity 50%" "compare --flops 50% --methods '$arms,selfgroup,fastnas'"
+time side_by_side "fidelity 50% && side selfgroup --flops 50%" "side fastnas --flops 50%"
+compare --flops 50% --methods "$arms,selfgroup,fastnas"  # the table of every 50% run (each reused)
 save
-second=${SECOND_BUDGET-30%}
+second=${SECOND_BUDGET-}
 [ -n "$second" ] || exit 0
 time side_by_side "side '$widths,fastnas' --flops 50% '$second'" "side '$searches' --flops 50% '$second'"
 compare --flops 50% "$second" --methods "$arms,fastnas"
