@@ -402,7 +402,9 @@ def _fidelity(args: argparse.Namespace, model, bundle, budgets: list, out: Path,
         help="adaptive-BN batches for the proxy and before the full fine-tune, as the runs (default 50)"),
     arg("--baseline-epochs", type=POS_INT, default=30, help="epochs when training the baseline (default 30)"),
     SEED,
-    arg("--out", required=True, metavar="DIR", help="receives fidelity.json and fidelity.md"),
+    arg("--out", required=True, metavar="DIR",
+        help="receives fidelity.json and fidelity.md; while the study runs, fidelity-progress.json keeps "
+             "each finished structure, so running the same command again resumes it"),
     arg("--no-progress", action="store_true", help="no progress bars"),
 )
 def fidelity(args: argparse.Namespace) -> int:
