@@ -120,7 +120,7 @@ def markdown(result: Mapping) -> str:
 
 def write_fidelity(out: str | Path, result: Mapping) -> None:
     """``fidelity.md`` (:func:`markdown`) and ``fidelity.json`` (the whole result) in ``out``, each
-    atomically; the JSON last, so that it marks a finished study (the experiment scripts skip one);
+    atomically; the JSON last, so that it marks a finished study (a rerun with the same settings reuses it);
     then the study's progress record, which fidelity.json supersedes, is removed."""
     from .checkpoint import atomic_write_text, write_json
     out = Path(out)
@@ -216,7 +216,8 @@ def proxy_fidelity(model: nn.Module, data: DataBundle, budget: "str | Budget | N
     the runs), ``finetune_epochs`` at ``lr``, test accuracy (``final``). So that the proxy sees
     the same BN statistics as the runs, ``bn_batches`` replaces the space's ``proxy.bn_batches``.
 
-    Returns a JSON-ready dict: the settings, ``proxies`` (names and steps), ``candidates``
+    Returns a JSON-ready dict: the options, ``settings`` (everything the rows depend on:
+    :func:`autoprune.fidelity_progress.study_settings`), ``proxies`` (names and steps), ``candidates``
     (budget → one row per structure: ``config``, ``flops``, ``params``, ``proxy`` (name →
     score), ``accuracy_adaptive_bn``, ``final``) and ``tau`` (:func:`tau_rows`: one row per
     budget and proxy with τ, its ``confidence`` bootstrap interval over ``resamples``
@@ -224,13 +225,13 @@ def proxy_fidelity(model: nn.Module, data: DataBundle, budget: "str | Budget | N
 
     With ``out`` the study can be interrupted: each finished structure is kept in
     ``out/fidelity-progress.json`` and a rerun with the same settings measures only the rest
-    (:mod:`autoprune.fidelity_progress`); :func:`write_fidelity` removes that file.
+    (:mod:`autoprune.fidelity_progress`); :func:`write_fidelity` removes that file. A finished
+    study there (``out/fidelity.json``) with the same settings is reused whole: nothing is
+    calibrated or measured, and τ is recomputed with this call's ``resamples`` and
+    ``confidence``; one with other settings (another baseline, say) is measured again.
     """
-    import optuna
     import torch
 
-    from .search.runner import driver_state
-    from .search.trial import PENALTY, Shared, build_structure, evaluate_candidate
     from .space import Space
 
     if budget is not None and budgets is not None:
@@ -247,8 +248,31 @@ def proxy_fidelity(model: nn.Module, data: DataBundle, budget: "str | Budget | N
     names = [BN_ONLY, *(p["name"] for p in lengths)]
     kept = Progress(out, study_settings(model, data, spec, budgets, n=n, seed=seed, finetune_epochs=finetune_epochs,
                                         lr=lr, bn_batches=bn_batches, calib_images=calib_images), names)
-    units, scores, labels = driver_state(model, data, spec, budgets[0], seed, calib_images, progress, device)
     proxy = Section({**spec.proxy, "bn_batches": bn_batches})
+    candidates = {str(b): kept.done(str(b)) for b in budgets}
+    if not kept.finished:
+        _measure(model, data, spec, budgets, n, seed, calib_images, bn_batches, finetune_epochs, lr, lengths, names,
+                 proxy, kept, candidates, progress, device)
+    return {"space": spec.name, "n": n, "seed": seed, "budgets": [str(b) for b in budgets],
+            "finetune_epochs": finetune_epochs, "lr": lr, "bn_batches": bn_batches,
+            "calib_images": calib_images, "proxy": dict(proxy), "asha": dict(spec.asha) if spec.asha else None,
+            "proxies": [{"name": BN_ONLY, "steps": 0, "total": 0}, *lengths],
+            "resamples": resamples, "confidence": confidence, "settings": kept.settings, "candidates": candidates,
+            "tau": tau_rows(candidates, names, resamples, seed, confidence)}
+
+
+def _measure(model: nn.Module, data: DataBundle, spec: SearchSpace, budgets: Sequence[Budget], n: int, seed: int,
+             calib_images: int, bn_batches: int, finetune_epochs: int, lr: float, lengths: Sequence[dict],
+             names: Sequence[str], proxy: Section, kept: Progress, candidates: dict, progress: bool, device) -> None:
+    """Draw the ``n`` structures, then measure every one ``kept`` lacks at every budget into
+    ``candidates`` (budget → rows), keeping each finished row (:func:`proxy_fidelity`)."""
+    import optuna
+    import torch
+
+    from .search.runner import driver_state
+    from .search.trial import PENALTY, Shared, build_structure, evaluate_candidate
+
+    units, scores, labels = driver_state(model, data, spec, budgets[0], seed, calib_images, progress, device)
 
     def shared_for(b: Budget, steps: int, asha) -> Shared:
         proxy_spec = replace(spec, proxy=Section({**proxy, "finetune_steps": steps}), asha=asha)
@@ -263,7 +287,6 @@ def proxy_fidelity(model: nn.Module, data: DataBundle, budget: "str | Budget | N
         configs.append(dict(trial.params))
 
     kept.match(configs)
-    candidates: dict[str, list[dict]] = {}
     for b in budgets:
         rows = candidates[str(b)] = kept.done(str(b))
         for i, config in list(enumerate(configs))[len(rows):]:
@@ -292,9 +315,3 @@ def proxy_fidelity(model: nn.Module, data: DataBundle, budget: "str | Budget | N
                          "proxy": scored, "accuracy_adaptive_bn": after_bn,
                          "final": evaluate.accuracy(small.eval(), data.test, device=device)})
             kept.add(str(b), rows[-1])
-    return {"space": spec.name, "n": n, "seed": seed, "budgets": [str(b) for b in budgets],
-            "finetune_epochs": finetune_epochs, "lr": lr, "bn_batches": bn_batches,
-            "calib_images": calib_images, "proxy": dict(proxy), "asha": dict(spec.asha) if spec.asha else None,
-            "proxies": [{"name": BN_ONLY, "steps": 0, "total": 0}, *lengths],
-            "resamples": resamples, "confidence": confidence, "candidates": candidates,
-            "tau": tau_rows(candidates, names, resamples, seed, confidence)}

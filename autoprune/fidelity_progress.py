@@ -11,6 +11,11 @@ each kept row must carry the same structure). Run with other settings, it says w
 measurement) is refused with one line naming it, so a damaged record is never silently
 mixed into a result. :func:`autoprune.fidelity.write_fidelity` removes the file once
 ``fidelity.json`` holds the whole study.
+
+A finished study is reused the same way: ``fidelity.json`` records the study's settings, and a
+run with the same settings takes every row from it (nothing is measured, no calibration);
+one measured with other settings, or by an autoprune that recorded none, is measured again
+(one line on stderr says why), so a changed baseline never keeps an old study's numbers.
 """
 
 from __future__ import annotations
@@ -25,9 +30,10 @@ from .checkpoint import atomic_write_text
 from .differences import differences, plain
 from .errors import AutopruneError
 
-__all__ = ["MAX_BYTES", "PROGRESS_FILE", "Progress", "study_settings"]
+__all__ = ["FINISHED_FILE", "MAX_BYTES", "PROGRESS_FILE", "Progress", "study_settings"]
 
 PROGRESS_FILE = "fidelity-progress.json"
+FINISHED_FILE = "fidelity.json"
 MAX_BYTES = 64 << 20
 """A record larger than this is refused (rows are ~300 bytes of compact JSON: 200,000 fit)."""
 FORMAT = 1
@@ -70,51 +76,74 @@ def _check_row(row, index: int, names: Sequence[str]) -> None:
 
 class Progress:
     """The finished rows of a study, kept in ``out/fidelity-progress.json`` (nothing kept
-    without ``out``); ``names``: the proxies. A record there is read and checked at once
-    (before any calibration); :meth:`match` then checks its rows against the structures drawn."""
+    without ``out``); ``names``: the proxies. A finished study in ``out/fidelity.json`` with the
+    same settings is adopted whole (:attr:`finished`); otherwise a progress record there is
+    read and checked at once (before any calibration), and :meth:`match` then checks its rows
+    against the structures drawn."""
 
     def __init__(self, out: "str | Path | None", settings: Mapping, names: Sequence[str]):
         self.path = Path(out) / PROGRESS_FILE if out is not None else None
         self.settings = plain(settings)
         self.rows: dict[str, list[dict]] = {b: [] for b in self.settings["budgets"]}
+        self.finished = False
+        """True when every row came from a finished study's ``fidelity.json``."""
         self._kept: dict | None = None
-        if self.path is not None and (self.path.exists() or self.path.is_symlink()):
-            self._kept = self._read(names)
+        if out is None:
+            return
+        study = Path(out) / FINISHED_FILE
+        if study.exists() or study.is_symlink():
+            rows = self._read(study, names, "measuring again", complete=True)
+            if rows is not None:
+                self.rows, self.finished = rows, True
+                print(f"fidelity: {study} already holds this study; reusing its "
+                      f"{sum(map(len, rows.values()))} structure measurements", file=sys.stderr)
+                return
+        if self.path.exists() or self.path.is_symlink():
+            self._kept = self._read(self.path, names, "starting over")
 
-    def _fail(self, why: object) -> AutopruneError:
-        return AutopruneError(f"{self.path}: not a fidelity progress record ({why}); delete it to start the "
-                              f"study over")
+    @staticmethod
+    def _fail(path: Path, why: object) -> AutopruneError:
+        what = "finished fidelity study" if path.name == FINISHED_FILE else "fidelity progress record"
+        return AutopruneError(f"{path}: not a {what} ({why}); delete it to start the study over")
 
-    def _read(self, names: Sequence[str]) -> dict | None:
-        """The recorded rows (checked but for their structures), or None if they were measured
-        with other settings (one line on stderr says which)."""
+    def _read(self, path: Path, names: Sequence[str], otherwise: str, complete: bool = False) -> dict | None:
+        """The rows recorded in ``path`` (checked but for their structures; with ``complete``,
+        ``n`` at every budget), or None if they were measured with other settings (one line on
+        stderr says which, then ``otherwise``). A progress record keeps its rows under ``rows``,
+        a finished study (``fidelity.json``) under ``candidates``."""
+        key = "candidates" if complete else "rows"
         try:
-            if not self.path.is_file():
+            if not path.is_file():
                 raise ValueError("not a file")
-            with self.path.open("rb") as f:
+            with path.open("rb") as f:
                 text = f.read(MAX_BYTES + 1)
             if len(text) > MAX_BYTES:
                 raise ValueError(f"larger than {MAX_BYTES >> 20} MiB")
             record = json.loads(text)
-            if not isinstance(record, dict) or not isinstance(record.get("settings"), dict) \
-                    or not isinstance(record.get("rows"), dict):
-                raise ValueError("not an object with settings and rows")
-            changed = differences(record["settings"], self.settings)
-            if changed:
-                print(f"fidelity: {self.path} was measured with other settings ({changed}); starting over",
+            if not isinstance(record, dict) or not isinstance(record.get(key), dict):
+                raise ValueError(f"not an object with {key}")
+            if complete and "settings" not in record:  # written before studies recorded their settings
+                print(f"fidelity: {path} records no settings (an older autoprune wrote it); {otherwise}",
                       file=sys.stderr)
                 return None
-            rows = record["rows"]
+            if not isinstance(record.get("settings"), dict):
+                raise ValueError("its settings are not an object")
+            changed = differences(record["settings"], self.settings)
+            if changed:
+                print(f"fidelity: {path} was measured with other settings ({changed}); {otherwise}",
+                      file=sys.stderr)
+                return None
+            rows = record[key]
             if set(rows) != set(self.rows):
                 raise ValueError("its budgets are not the study's")
             n = self.settings["options"]["n"]
             for budget, kept in rows.items():
-                if not isinstance(kept, list) or len(kept) > n:
-                    raise ValueError(f"{budget}: not a list of at most {n} rows")
+                if not isinstance(kept, list) or len(kept) > n or (complete and len(kept) != n):
+                    raise ValueError(f"{budget}: not a list of {'exactly' if complete else 'at most'} {n} rows")
                 for i, row in enumerate(kept):
                     _check_row(row, i, names)
         except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
-            raise self._fail(exc) from None
+            raise self._fail(path, exc) from None
         return rows
 
     def match(self, configs: Sequence[Mapping]) -> None:
@@ -125,7 +154,7 @@ class Progress:
         for budget, kept in self._kept.items():
             for i, row in enumerate(kept):
                 if row["config"] != plain(configs[i]):
-                    raise self._fail(f"row {i} at {budget} is not structure {i} of this study's draw")
+                    raise self._fail(self.path, f"row {i} at {budget} is not structure {i} of this study's draw")
         self.rows = {b: self._kept[b] for b in self.rows}
         done = sum(map(len, self.rows.values()))
         if done:

@@ -12,8 +12,9 @@
 # the second budget beside (6) selfgroup at it (a second budget about doubles the time, beyond
 # the two hours a model is meant to take on the 2-core machine). Every phase rewrites results.* from all
 # finished runs; running the script again after an interruption reuses every finished run
-# (only when all its settings match), resumes an interrupted search and skips a finished
-# fidelity study (an interrupted one resumes from the structures it finished).
+# (only when all its settings match), resumes an interrupted search and reuses a finished
+# fidelity study with the same settings (an interrupted one resumes from the structures it
+# finished; one measured on another baseline is measured again).
 #
 # Two cores, used side by side (one torch thread per process, OMP_NUM_THREADS=1 unless set;
 # the baseline, trained alone, with BASE_THREADS=2):
@@ -68,8 +69,7 @@ widths= searches=  # phase 1's two sides: the width arms, and the arms the searc
 for arm in ${arms//,/ }; do
     case $arm in random|search|search_widths) searches+=${searches:+,}$arm;; *) widths+=${widths:+,}$arm;; esac
 done
-fidelity() {  # proxy fidelity at one budget, into its own folder (skipped once finished)
-    [ -f "$out/fidelity-${1%\%}/fidelity.json" ] && return 0
+fidelity() {  # proxy fidelity at one budget, into its own folder (a finished study with the same settings is reused)
     $ap fidelity --checkpoint "$base" --data fashion-mnist --image-size 16 --train-size 10000 \
         --flops "$1" --n 24 --epochs 2 --space resnet_cifar --out "$out/fidelity-${1%\%}" --no-progress
 }

@@ -258,7 +258,7 @@ def test_a_study_with_other_settings_starts_over_and_says_why(baseline, tmp_path
 
 @pytest.mark.parametrize("damage, fact", [
     (lambda r: "{not json", "Expecting"),
-    (lambda r: json.dumps([r]), "settings and rows"),
+    (lambda r: json.dumps([r]), "not an object with rows"),
     (lambda r: json.dumps(r | {"rows": {"flops<=60%": r["rows"]["flops<=60%"]}}), "budgets"),
     (lambda r: json.dumps(r | {"rows": {b: [v | {"config": {"x": 1}} for v in rows]
                                         for b, rows in r["rows"].items()}}), "not structure 0"),
@@ -294,3 +294,65 @@ def test_a_progress_path_that_is_not_a_file_is_refused_before_any_work(baseline,
     assert main(_fidelity_argv(baseline[0], tmp_path, out)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not a file" in err[0] and "delete it" in err[0]
+
+
+# --------------------------------------------------------------------------- reusing a finished study
+
+
+def test_a_finished_study_with_the_same_settings_is_reused_without_calibrating(baseline, tmp_path, capsys, builds,
+                                                                              monkeypatch):
+    from autoprune.search import runner
+
+    out = tmp_path / "fid"
+    assert main(_fidelity_argv(baseline[0], tmp_path, out)) == 0, capsys.readouterr().err
+    first = json.loads((out / "fidelity.json").read_text())
+    assert first["settings"]["baseline"] and first["settings"]["options"]["n"] == 3
+    builds.calls.clear()
+    capsys.readouterr()
+    monkeypatch.setattr(runner, "driver_state", lambda *a, **k: pytest.fail("calibrated a finished study"))
+    assert main(_fidelity_argv(baseline[0], tmp_path, out)) == 0
+    captured = capsys.readouterr()
+    assert not builds.calls and "already holds this study" in captured.err
+    assert json.loads((out / "fidelity.json").read_text()) == first
+    assert fidelity.markdown(first) in captured.out
+
+
+@pytest.mark.parametrize("change, why", [
+    (lambda r: {k: v for k, v in r.items() if k != "settings"}, "records no settings"),
+    (lambda r: r | {"settings": r["settings"] | {"baseline": "0" * 64}}, "other settings (baseline"),
+], ids=["older", "baseline"])
+def test_a_finished_study_of_another_baseline_or_version_is_measured_again(baseline, tmp_path, capsys, builds,
+                                                                          change, why):
+    out = tmp_path / "fid"
+    assert main(_fidelity_argv(baseline[0], tmp_path, out)) == 0, capsys.readouterr().err
+    study = out / "fidelity.json"
+    first = json.loads(study.read_text())
+    study.write_text(json.dumps(change(first | {"candidates": {b: [r | {"final": 0.5} for r in rows]
+                                                               for b, rows in first["candidates"].items()}})))
+    per_run = len(builds.calls)
+    builds.calls.clear()
+    capsys.readouterr()
+    assert main(_fidelity_argv(baseline[0], tmp_path, out)) == 0
+    err = capsys.readouterr().err
+    assert why in err and "measuring again" in err and len(builds.calls) == per_run  # every structure again
+    assert json.loads(study.read_text()) == first  # the altered rows were not kept
+
+
+@pytest.mark.parametrize("damage, fact", [
+    (lambda r: "{not json", "Expecting"),
+    (lambda r: json.dumps(r | {"settings": 3}), "settings are not an object"),
+    (lambda r: json.dumps(r | {"candidates": {b: rows[:2] for b, rows in r["candidates"].items()}}), "exactly 3"),
+    (lambda r: json.dumps(r | {"candidates": {b: [v | {"final": 7.0} for v in rows]
+                                              for b, rows in r["candidates"].items()}}), "from 0 to 1"),
+], ids=["json", "settings", "short", "accuracy"])
+def test_a_damaged_finished_study_is_refused_with_one_line(baseline, tmp_path, capsys, builds, damage, fact):
+    out = tmp_path / "fid"
+    assert main(_fidelity_argv(baseline[0], tmp_path, out)) == 0, capsys.readouterr().err
+    study = out / "fidelity.json"
+    study.write_text(damage(json.loads(study.read_text())))
+    builds.calls.clear()
+    capsys.readouterr()
+    assert main(_fidelity_argv(baseline[0], tmp_path, out)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(study) in err[0] and fact in err[0] and "delete it" in err[0], err
+    assert not builds.calls
