@@ -351,7 +351,7 @@ def compare(args: argparse.Namespace) -> int:
     check_options(methods, criterion, space=args.space, what="--methods", **method_options)
     searches = any(search_run(m) is not None for m in methods)
     if args.fidelity:
-        _check_fidelity(args, budgets, n=args.fidelity, what="--fidelity")
+        _check_fidelity(args, budgets, n=args.fidelity, what="--fidelity", pick=("--trials", args.trials))
     out = writable_dir(args.out)
     model, bundle = _prune_inputs(args)
     extra = {"space": args.space, "trials": args.trials, "workers": args.workers} if searches else {}
@@ -360,13 +360,15 @@ def compare(args: argparse.Namespace) -> int:
     print(markdown(results["summary"], results["tests"], results["settings"]["reference"], results["skipped"],
                    results["unreached"]), end="")
     if args.fidelity:
-        _fidelity(args, model, bundle, budgets, out, n=args.fidelity)
+        _fidelity(args, model, bundle, budgets, out, n=args.fidelity, pick=args.trials)
     print(f"wrote {out}/results.csv, results.json, results.md, accuracy_vs_flops.png, widths_*.png")
     return 0
 
 
-def _check_fidelity(args: argparse.Namespace, budgets: list, n: int, what: str, **kw) -> None:
-    """Every proxy-fidelity option checked before any work (``what``: the option giving ``n``)."""
+def _check_fidelity(args: argparse.Namespace, budgets: list, n: int, what: str, pick: tuple[str, int],
+                    **kw) -> None:
+    """Every proxy-fidelity option checked before any work (``what``: the option giving ``n``;
+    ``pick``: the option giving :func:`autoprune.fidelity.best_of_k`'s k, and its value)."""
     from .errors import OptionError
     from .fidelity import check_options
 
@@ -374,11 +376,15 @@ def _check_fidelity(args: argparse.Namespace, budgets: list, n: int, what: str, 
         check_options(n, budgets, args.space, args.epochs, args.seed, **kw)
     except OptionError as exc:
         raise OptionError(f"{what}: {exc}") from None
+    try:
+        check_options(pick=pick[1], budgets=budgets, space=args.space)
+    except OptionError as exc:
+        raise OptionError(f"{pick[0]}: {exc}") from None
 
 
 def _fidelity(args: argparse.Namespace, model, bundle, budgets: list, out: Path, n: int, **kw) -> None:
     """Proxy fidelity at every budget, written as fidelity.json and fidelity.md into ``out``; ``kw``
-    (``bn_batches``) go to :func:`autoprune.fidelity.proxy_fidelity` (default: the runs' own)."""
+    (``bn_batches``, ``pick``) go to :func:`autoprune.fidelity.proxy_fidelity` (default: the runs' own)."""
     from .fidelity import markdown, proxy_fidelity, write_fidelity
 
     result = proxy_fidelity(model, bundle, budgets=budgets, n=n, space=args.space, finetune_epochs=args.epochs,
@@ -405,13 +411,16 @@ def _fidelity(args: argparse.Namespace, model, bundle, budgets: list, out: Path,
     arg("--out", required=True, metavar="DIR",
         help="receives fidelity.json and fidelity.md; while the study runs, fidelity-progress.json keeps "
              "each finished structure, so running the same command again resumes it"),
+    arg("--pick", type=POS_INT, default=16, metavar="K",
+        help="also report the expected final accuracy of the proxy-best of K of the structures, as a "
+             "search of K trials picks (capped at --n; default 16, compare's --trials)"),
     arg("--no-progress", action="store_true", help="no progress bars"),
 )
 def fidelity(args: argparse.Namespace) -> int:
     budgets = budgets_of(args)
-    _check_fidelity(args, budgets, n=args.n, what="--n", bn_batches=args.bn_batches)
+    _check_fidelity(args, budgets, n=args.n, what="--n", pick=("--pick", args.pick), bn_batches=args.bn_batches)
     out = writable_dir(args.out)
     model, bundle = _prune_inputs(args)
-    _fidelity(args, model, bundle, budgets, out, n=args.n, bn_batches=args.bn_batches)
+    _fidelity(args, model, bundle, budgets, out, n=args.n, bn_batches=args.bn_batches, pick=args.pick)
     return 0
 

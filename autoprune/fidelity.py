@@ -5,7 +5,10 @@ fitted to every budget and scored by each proxy — adaptive BN alone, then adap
 each proxy fine-tuning length the space offers — and by test accuracy after the runs' own
 recipe (adaptive BN, then the full fine-tune). Per budget and proxy: Kendall τ-b between
 proxy score and final accuracy (:func:`scipy.stats.kendalltau`), a percentile bootstrap
-interval over structures (:func:`bootstrap_tau`), and the number of tied proxy pairs.
+interval over structures (:func:`bootstrap_tau`), the number of tied proxy pairs, and what
+ranking by the proxy buys (:func:`best_of_k`): the expected final accuracy of the proxy-best of
+``k`` structures drawn from the ``n`` — the search's situation with ``k`` trials — beside an
+unranked pick and the best of the ``k`` by final accuracy itself.
 """
 
 from __future__ import annotations
@@ -28,12 +31,14 @@ from .fidelity_progress import PROGRESS_FILE, Progress, study_settings
 from .search.space import SearchSpace
 from .search.validate import Section
 
-__all__ = ["DEFAULT_N", "MAX_N", "MAX_RESAMPLES", "bootstrap_tau", "check_options", "kendall_tau", "markdown",
+__all__ = ["DEFAULT_N", "DEFAULT_PICK", "MAX_N", "MAX_RESAMPLES", "best_of_k", "bootstrap_tau", "check_options", "kendall_tau", "markdown",
            "proxies", "proxy_fidelity", "tau_rows", "tied_pairs", "write_fidelity"]
 
 DEFAULT_N = 24
 """Structures per budget (the τ of 12 structures with 5 tied proxy scores said little)."""
 MAX_N = 10_000
+DEFAULT_PICK = 16
+"""``k`` of :func:`best_of_k`: the search's and its arms' trials in ``compare`` (capped at ``n``)."""
 MAX_RESAMPLES = 1_000_000
 BN_ONLY = "adaptive_bn"
 """The name of the proxy without fine-tuning (adaptive BN, then validation accuracy)."""
@@ -89,32 +94,73 @@ def bootstrap_tau(x: Sequence[float], y: Sequence[float], resamples: int = 2000,
     return {"low": float(low), "high": float(high), "undefined": int(resamples - len(defined))}
 
 
+def best_of_k(score: Sequence[float], final: Sequence[float], k: int) -> float:
+    """The expected ``final`` of the item with the highest ``score`` among ``k`` of the items drawn
+    uniformly without replacement, ties in ``score`` broken uniformly at random (exact, no sampling).
+
+    With the items sorted by ``score`` (highest first), the one at position ``j`` (0-based) is the
+    highest of the draw with probability C(n−1−j, k−1)/C(n, k). A group of tied scores is the
+    highest with the sum of its positions' probabilities, whatever their order, and then each of
+    its members is equally likely to be picked: so the group contributes that sum times its mean
+    ``final``. ``best_of_k(final, final, k)`` is the best of ``k`` by final accuracy itself; any
+    ``k = 1`` gives the mean.
+    """
+    score, final = np.asarray(score, float), np.asarray(final, float)
+    n = len(score)
+    if not 1 <= k <= n:
+        raise OptionError(f"k must be from 1 to the {n} items, got {short(k)}")
+    order = np.argsort(-score, kind="stable")
+    score, final = score[order], final[order]
+    total = math.comb(n, k)
+    chance = [math.comb(n - 1 - j, k - 1) / total for j in range(n)]
+    expected, start = 0.0, 0
+    while start < n:
+        end = start + 1
+        while end < n and score[end] == score[start]:
+            end += 1
+        expected += sum(chance[start:end]) * float(final[start:end].mean())
+        start = end
+    return expected
+
+
 def tau_rows(candidates: Mapping[str, Sequence[Mapping]], names: Sequence[str], resamples: int = 2000,
-             seed: int = 0, confidence: float = 0.95) -> list[dict]:
+             seed: int = 0, confidence: float = 0.95, pick: int = DEFAULT_PICK) -> list[dict]:
     """One row per budget and proxy name: τ-b between the proxy's scores (``row["proxy"][name]``)
     and ``row["final"]`` over the budget's candidate rows, its bootstrap interval, ``n``, the
-    tied proxy pairs (``ties``) and tied final accuracies (``ties_final``)."""
+    tied proxy pairs (``ties``) and tied final accuracies (``ties_final``); and with ``k`` =
+    min(``pick``, n), :func:`best_of_k`'s expected final accuracy of the proxy-best of ``k``
+    (``best_of_k``), of an unranked pick (``unranked``, the mean) and of the best of ``k`` by
+    final accuracy (``oracle_of_k``)."""
     rows = []
     for budget, cands in candidates.items():
         final = [c["final"] for c in cands]
+        k = min(pick, len(cands))
         for name in names:
             proxy = [c["proxy"][name] for c in cands]
             interval = bootstrap_tau(proxy, final, resamples, seed, confidence)
             rows.append({"budget": budget, "proxy": name, "tau": kendall_tau(proxy, final),
                          "ci_low": interval["low"], "ci_high": interval["high"],
                          "bootstrap_undefined": interval["undefined"], "n": len(cands),
-                         "ties": tied_pairs(proxy), "ties_final": tied_pairs(final)})
+                         "ties": tied_pairs(proxy), "ties_final": tied_pairs(final),
+                         "k": k, "best_of_k": best_of_k(proxy, final, k), "unranked": float(np.mean(final)),
+                         "oracle_of_k": best_of_k(final, final, k)})
     return rows
 
 
 def markdown(result: Mapping) -> str:
-    """The τ rows as a markdown table: budget, proxy, τ, the interval, n, tied proxy pairs."""
+    """The τ rows as a markdown table: budget, proxy, τ, the interval, n, tied proxy pairs, then
+    the expected final accuracy (%) of the proxy-best of k, of an unranked pick and of the best
+    of k by final accuracy (:func:`tau_rows`)."""
     level = f"{100 * result['confidence']:g}% CI"
     num = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
-    lines = [f"| budget | proxy | Kendall τ | {level} | n | ties |", "| --- | --- | --- | --- | --- | --- |"]
+    ks = {r["k"] for r in result["tau"]}
+    k = ks.pop() if len(ks) == 1 else "k"
+    lines = [f"| budget | proxy | Kendall τ | {level} | n | ties | best of {k} by proxy, % | unranked, % "
+             f"| best of {k}, % |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in result["tau"]:
         lines.append(f"| {r['budget']} | {r['proxy']} | {num(r['tau'])} | [{num(r['ci_low'])}, "
-                     f"{num(r['ci_high'])}] | {r['n']} | {r['ties']} |")
+                     f"{num(r['ci_high'])}] | {r['n']} | {r['ties']} | {100 * r['best_of_k']:.2f} "
+                     f"| {100 * r['unranked']:.2f} | {100 * r['oracle_of_k']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -169,7 +215,8 @@ def _number(value: object) -> bool:
 def check_options(n: int = DEFAULT_N, budgets: "Sequence[str | Budget] | None" = None,
                   space: "str | SearchSpace" = "generic", finetune_epochs: int = 5, seed: int = 0,
                   calib_images: int = 512, bn_batches: int = 50, lr: float = 0.01,
-                  resamples: int = 2000, confidence: float = 0.95) -> tuple[SearchSpace, list[Budget]]:
+                  resamples: int = 2000, confidence: float = 0.95,
+                  pick: int = DEFAULT_PICK) -> tuple[SearchSpace, list[Budget]]:
     """The loaded search space and the parsed budgets, after checking every option (OptionError,
     BudgetError or SearchSpaceError naming the option and what is allowed). Cheap, so the CLI
     runs it before any training."""
@@ -181,6 +228,7 @@ def check_options(n: int = DEFAULT_N, budgets: "Sequence[str | Budget] | None" =
     _integer(calib_images, "calib_images", 1, 10_000_000)
     _integer(bn_batches, "bn_batches", 0, 1_000_000)
     _integer(resamples, "resamples (bootstrap)", 1, MAX_RESAMPLES)
+    _integer(pick, "pick (structures the proxy picks from)", 1, MAX_N)
     if not _number(lr) or not 0 < lr <= 100:
         raise OptionError(f"lr must be a number in (0, 100], got {short(lr)}")
     if not _number(confidence) or not 0 < confidence < 1:
@@ -203,7 +251,7 @@ def proxy_fidelity(model: nn.Module, data: DataBundle, budget: "str | Budget | N
                    calib_images: int = 512, progress: bool = False, *,
                    budgets: "Sequence[str | Budget] | None" = None, bn_batches: int = 50, lr: float = 0.01,
                    resamples: int = 2000, confidence: float = 0.95, device=None,
-                   out: "str | Path | None" = None) -> dict:
+                   out: "str | Path | None" = None, pick: int = DEFAULT_PICK) -> dict:
     """Kendall τ between the search's proxy scores and accuracy after the full fine-tune.
 
     ``budgets`` (or one ``budget``; default ``flops<=50%``): every budget is measured on the
@@ -221,14 +269,15 @@ def proxy_fidelity(model: nn.Module, data: DataBundle, budget: "str | Budget | N
     (budget → one row per structure: ``config``, ``flops``, ``params``, ``proxy`` (name →
     score), ``accuracy_adaptive_bn``, ``final``) and ``tau`` (:func:`tau_rows`: one row per
     budget and proxy with τ, its ``confidence`` bootstrap interval over ``resamples``
-    resamples, ``n`` and the tied proxy pairs).
+    resamples, ``n``, the tied proxy pairs, and :func:`best_of_k` with ``k`` = min(``pick``, ``n``):
+    what picking the proxy-best of ``pick`` structures, as a search of ``pick`` trials does, buys).
 
     With ``out`` the study can be interrupted: each finished structure is kept in
     ``out/fidelity-progress.json`` and a rerun with the same settings measures only the rest
     (:mod:`autoprune.fidelity_progress`); :func:`write_fidelity` removes that file. A finished
     study there (``out/fidelity.json``) with the same settings is reused whole: nothing is
-    calibrated or measured, and τ is recomputed with this call's ``resamples`` and
-    ``confidence``; one with other settings (another baseline, say) is measured again.
+    calibrated or measured, and the rows are recomputed with this call's ``resamples``,
+    ``confidence`` and ``pick``; one with other settings (another baseline, say) is measured again.
     """
     import torch
 
@@ -238,7 +287,7 @@ def proxy_fidelity(model: nn.Module, data: DataBundle, budget: "str | Budget | N
         raise OptionError("give budget= or budgets=, not both")
     budgets = [budget if budget is not None else "flops<=50%"] if budgets is None else budgets
     spec, budgets = check_options(n, budgets, space, finetune_epochs, seed, calib_images, bn_batches, lr,
-                                  resamples, confidence)
+                                  resamples, confidence, pick)
     device = torch.device(device) if device is not None else evaluate.default_device()
     model = model.to(device).eval()
     probe = Space(model, torch.zeros(1, *data.input_shape, device=device))
@@ -257,8 +306,8 @@ def proxy_fidelity(model: nn.Module, data: DataBundle, budget: "str | Budget | N
             "finetune_epochs": finetune_epochs, "lr": lr, "bn_batches": bn_batches,
             "calib_images": calib_images, "proxy": dict(proxy), "asha": dict(spec.asha) if spec.asha else None,
             "proxies": [{"name": BN_ONLY, "steps": 0, "total": 0}, *lengths],
-            "resamples": resamples, "confidence": confidence, "settings": kept.settings, "candidates": candidates,
-            "tau": tau_rows(candidates, names, resamples, seed, confidence)}
+            "resamples": resamples, "confidence": confidence, "pick": pick, "settings": kept.settings,
+            "candidates": candidates, "tau": tau_rows(candidates, names, resamples, seed, confidence, pick)}
 
 
 def _measure(model: nn.Module, data: DataBundle, spec: SearchSpace, budgets: Sequence[Budget], n: int, seed: int,

@@ -82,9 +82,41 @@ def test_tau_rows_count_ties_and_cover_every_budget_and_proxy():
     bn = rows[0]["tau"]
     assert bn == pytest.approx(pair_tau(proxy, final)) and rows[1]["tau"] == pytest.approx(-bn)
     table = fidelity.markdown({"confidence": 0.95, "tau": rows})
-    assert table.splitlines()[0] == "| budget | proxy | Kendall τ | 95% CI | n | ties |"
-    assert f"| flops<=40% | finetune_3 | {-bn:.2f} | [{rows[3]['ci_low']:.2f}, {rows[3]['ci_high']:.2f}] | 6 | 4 |" \
-        in table
+    assert table.splitlines()[0] == ("| budget | proxy | Kendall τ | 95% CI | n | ties | best of 6 by proxy, % "
+                                     "| unranked, % | best of 6, % |")  # k = 16 capped at the 6 structures
+    # best of all 6: the proxy's top group (0.7, 0.7) for adaptive_bn, the lone 0.1 for its negation
+    assert {r["k"] for r in rows} == {6} and rows[0]["best_of_k"] == pytest.approx((0.95 + 0.6) / 2)
+    assert rows[1]["best_of_k"] == pytest.approx(0.3) and rows[0]["oracle_of_k"] == pytest.approx(0.95)
+    assert rows[0]["unranked"] == pytest.approx(np.mean(final))
+    assert (f"| flops<=40% | finetune_3 | {-bn:.2f} | [{rows[3]['ci_low']:.2f}, {rows[3]['ci_high']:.2f}] | 6 | 4 "
+            f"| 30.00 | {100 * np.mean(final):.2f} | 95.00 |") in table
+
+
+def brute_best_of_k(score, final, k):
+    """Every k-subset equally likely; within it the top score's tied members equally likely."""
+    picks = []
+    for subset in itertools.combinations(range(len(score)), k):
+        top = max(score[i] for i in subset)
+        picks.append(np.mean([final[i] for i in subset if score[i] == top]))
+    return float(np.mean(picks))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_best_of_k_equals_brute_force_over_every_subset(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 9))
+    score = rng.integers(0, 4, n).astype(float)  # many ties
+    final = rng.normal(size=n)
+    for k in range(1, n + 1):
+        assert fidelity.best_of_k(score, final, k) == pytest.approx(brute_best_of_k(score, final, k), abs=1e-12)
+    assert fidelity.best_of_k(score, final, 1) == pytest.approx(np.mean(final))  # one draw: no ranking
+    assert fidelity.best_of_k(final, final, n) == pytest.approx(np.max(final))  # all drawn: the best
+
+
+@pytest.mark.parametrize("k", [0, 4])
+def test_best_of_k_refuses_k_outside_the_items(k):
+    with pytest.raises(OptionError, match="k must be from 1 to the 3 items"):
+        fidelity.best_of_k([1, 2, 3], [1, 2, 3], k)
 
 
 def test_proxies_are_every_length_the_space_offers():
@@ -129,7 +161,8 @@ def test_fidelity_command_measures_every_budget_and_proxy(baseline, tmp_path, ca
     path, model, data = baseline
     out = tmp_path / "fid"
     code = main(["fidelity", "--checkpoint", str(path), "--flops", "60%", "40%", "--n", "3", "--epochs", "0",
-                 "--space", str(tmp_path / "asha.yaml"), "--bn-batches", "2", "--out", str(out), "--no-progress"])
+                 "--space", str(tmp_path / "asha.yaml"), "--bn-batches", "2", "--pick", "2", "--out", str(out),
+                 "--no-progress"])
     assert code == 0, capsys.readouterr().err
     result = json.loads((out / "fidelity.json").read_text())
     names = ["adaptive_bn", "finetune_1_of_3", "finetune_3"]  # ASHA rungs 1 and 3 of 3 steps
@@ -145,6 +178,7 @@ def test_fidelity_command_measures_every_budget_and_proxy(baseline, tmp_path, ca
         expected = pair_tau(proxy, final)
         assert (row["tau"] is None and expected is None) or row["tau"] == pytest.approx(expected)
         assert row["ties"] == pair_ties(proxy) and row["n"] == 3
+        assert row["k"] == 2 and row["best_of_k"] == pytest.approx(brute_best_of_k(proxy, final, 2))
         limit = float(row["budget"].split("<=")[1].rstrip("%")) / 100
         assert all(c["flops"] <= limit * base for c in cands)
         # epochs 0: the final accuracy is the accuracy right after adaptive BN
@@ -356,3 +390,11 @@ def test_a_damaged_finished_study_is_refused_with_one_line(baseline, tmp_path, c
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(study) in err[0] and fact in err[0] and "delete it" in err[0], err
     assert not builds.calls
+
+
+def test_fidelity_refuses_a_pick_beyond_the_limit_in_one_line_naming_the_option(tmp_path, capsys):
+    code = main(["fidelity", "--checkpoint", str(tmp_path / "absent.pt"), "--flops", "50%", "--pick", "20000",
+                 "--out", str(tmp_path / "fid")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("autoprune: error: --pick: ") and "10,000" in err[0]
+    assert not (tmp_path / "fid").exists()
