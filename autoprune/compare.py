@@ -298,8 +298,9 @@ def paired_tests(rows: list[dict], reference: str = REFERENCE, confidence: float
     """At each budget, ``reference`` against every other arm, paired over the seeds both ran
     (:func:`autoprune.stats.paired` on test accuracy, ``reference − arm``): ``n``, ``seeds``,
     ``mean_diff`` with ``diff_low``/``diff_high``, ``p`` (paired t-test, raw), ``p_holm``
-    (Holm-adjusted over every test returned), ``p_wilcoxon`` (n ≥ 6). None where undefined.
-    Empty when ``reference`` ran at no budget."""
+    (Holm-adjusted over the tests at its budget: one family per budget, the question "is the
+    reference better than the others at this budget"), ``p_wilcoxon`` (n ≥ 6). None where
+    undefined. Empty when ``reference`` ran at no budget."""
     acc = {(r["budget"], r["method"], r["seed"]): r["accuracy"] for r in rows}
     tests = []
     for budget in dict.fromkeys(r["budget"] for r in rows):
@@ -311,12 +312,26 @@ def paired_tests(rows: list[dict], reference: str = REFERENCE, confidence: float
             test = paired([acc[(budget, reference, s)] for s in seeds], [acc[(budget, method, s)] for s in seeds],
                           confidence)
             tests.append({"budget": budget, "reference": reference, "method": method, "seeds": seeds, **test})
-    for test, adjusted in zip(tests, holm([t["p"] for t in tests])):
-        test["p_holm"] = adjusted
+    for budget in dict.fromkeys(t["budget"] for t in tests):
+        family = [t for t in tests if t["budget"] == budget]
+        for test, adjusted in zip(family, holm([t["p"] for t in family])):
+            test["p_holm"] = adjusted
     return tests
 
 
 # --------------------------------------------------------------------------- tables and files
+
+
+def _family(tests: list[dict]) -> str:
+    """The Holm family of :func:`paired_tests`, in words: the comparisons at each budget."""
+    sizes = {}
+    for t in tests:
+        sizes[t["budget"]] = sizes.get(t["budget"], 0) + 1
+    if len(sizes) == 1:
+        return f"the {len(tests)} comparisons in this file"
+    counts = set(sizes.values())
+    each = f"the {counts.pop()} comparisons" if len(counts) == 1 else "the comparisons"
+    return f"{each} at each budget separately (one family per budget)"
 
 
 def _pct(x: float | None, digits: int = 2) -> str:
@@ -379,7 +394,7 @@ def markdown(summary: list[dict], tests: "list[dict] | None" = None, reference: 
     if with_tests and tests:
         lines += ["", f"p: two-sided paired t-test of {reference} against the arm over the seeds both ran "
                   "(same seed = same calibration images and fine-tune order); p-values are uncorrected. "
-                  f"p Holm: Holm–Bonferroni-adjusted over all {len(tests)} comparisons in this file"
+                  f"p Holm: Holm–Bonferroni-adjusted over {_family(tests)}"
                   + ("; p Wilcoxon: signed-rank test (n ≥ 6)." if wilcoxon else ".")
                   + " — : undefined (one seed, or no difference at all)."]
     elif with_tests:

@@ -80,3 +80,31 @@ def test_paired_tests_pair_by_seed_and_holm_over_every_test():
     low, high = sorted(t["p"] for t in tests)  # two tests: 2·p_(1), then max(that, p_(2))
     adjusted = {low: min(1.0, 2 * low), high: max(min(1.0, 2 * low), high)}
     assert [t["p_holm"] for t in tests] == pytest.approx([adjusted[t["p"]] for t in tests])
+
+
+def test_holm_is_one_family_per_budget():
+    """Two budgets, three arms each: each budget's p are adjusted among themselves only."""
+    rng = np.random.default_rng(3)
+    rows = []
+    for budget in ("flops<=50%", "flops<=30%"):
+        for method, shift in (("search", 0.0), ("uniform", 0.01), ("greedy", -0.005), ("wsp", 0.002)):
+            rows += [{"budget": budget, "method": method, "seed": s, "accuracy": 0.9 + shift + rng.normal(0, 0.004),
+                      "flops": 50, "params": 5, "flops_ratio": 0.5, "latency_ms": 1.0, "elapsed_s": 2.0,
+                      "proxy_evaluations": 0, "finetunes": 1, "finetune_s": 1.0, "method_s": 0.5, "search_cost": 0.5}
+                     for s in range(5)]
+    tests = paired_tests(rows)
+    assert len(tests) == 6
+    for budget in ("flops<=50%", "flops<=30%"):
+        family = [t for t in tests if t["budget"] == budget]
+        ps = [t["p"] for t in family]
+        m = len(ps)  # Holm by hand: sorted p_(i)·(m − i), running maximum, capped at 1
+        order = sorted(range(m), key=lambda i: ps[i])
+        expected, running = [0.0] * m, 0.0
+        for rank, i in enumerate(order):
+            running = max(running, min(1.0, (m - rank) * ps[i]))
+            expected[i] = running
+        assert [t["p_holm"] for t in family] == pytest.approx(expected)
+    table = markdown(summarise(rows), tests)
+    assert "Holm–Bonferroni-adjusted over the 3 comparisons at each budget separately" in table
+    one = [r for r in rows if r["budget"] == "flops<=50%"]
+    assert "over the 3 comparisons in this file" in markdown(summarise(one), paired_tests(one))
