@@ -351,7 +351,7 @@ def compare(args: argparse.Namespace) -> int:
     check_options(methods, criterion, space=args.space, what="--methods", **method_options)
     searches = any(search_run(m) is not None for m in methods)
     if args.fidelity:
-        _check_fidelity(args, budgets, n=args.fidelity, what="--fidelity", pick=("--trials", args.trials))
+        _check_fidelity(args, budgets, n=args.fidelity, what="--fidelity", pick=args.trials)
     out = writable_dir(args.out)
     model, bundle = _prune_inputs(args)
     extra = {"space": args.space, "trials": args.trials, "workers": args.workers} if searches else {}
@@ -365,10 +365,9 @@ def compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_fidelity(args: argparse.Namespace, budgets: list, n: int, what: str, pick: tuple[str, int],
-                    **kw) -> None:
+def _check_fidelity(args: argparse.Namespace, budgets: list, n: int, what: str, **kw) -> None:
     """Every proxy-fidelity option checked before any work (``what``: the option giving ``n``;
-    ``pick``: the option giving :func:`autoprune.fidelity.best_of_k`'s k, and its value)."""
+    ``kw``: ``bn_batches`` and ``pick``, both positive already by their argument types)."""
     from .errors import OptionError
     from .fidelity import check_options
 
@@ -376,10 +375,6 @@ def _check_fidelity(args: argparse.Namespace, budgets: list, n: int, what: str, 
         check_options(n, budgets, args.space, args.epochs, args.seed, **kw)
     except OptionError as exc:
         raise OptionError(f"{what}: {exc}") from None
-    try:
-        check_options(pick=pick[1], budgets=budgets, space=args.space)
-    except OptionError as exc:
-        raise OptionError(f"{pick[0]}: {exc}") from None
 
 
 def _fidelity(args: argparse.Namespace, model, bundle, budgets: list, out: Path, n: int, **kw) -> None:
@@ -411,14 +406,14 @@ def _fidelity(args: argparse.Namespace, model, bundle, budgets: list, out: Path,
     arg("--out", required=True, metavar="DIR",
         help="receives fidelity.json and fidelity.md; while the study runs, fidelity-progress.json keeps "
              "each finished structure, so running the same command again resumes it"),
-    arg("--pick", type=POS_INT, default=16, metavar="K",
+    arg("--pick", type=POS_INT, default=16, metavar="K",  # fidelity.DEFAULT_PICK (a test checks)
         help="also report the expected final accuracy of the proxy-best of K of the structures, as a "
              "search of K trials picks (capped at --n; default 16, compare's --trials)"),
     arg("--no-progress", action="store_true", help="no progress bars"),
 )
 def fidelity(args: argparse.Namespace) -> int:
     budgets = budgets_of(args)
-    _check_fidelity(args, budgets, n=args.n, what="--n", pick=("--pick", args.pick), bn_batches=args.bn_batches)
+    _check_fidelity(args, budgets, n=args.n, what="--n", bn_batches=args.bn_batches, pick=args.pick)
     out = writable_dir(args.out)
     model, bundle = _prune_inputs(args)
     _fidelity(args, model, bundle, budgets, out, n=args.n, bn_batches=args.bn_batches, pick=args.pick)

@@ -31,8 +31,8 @@ from .fidelity_progress import PROGRESS_FILE, Progress, study_settings
 from .search.space import SearchSpace
 from .search.validate import Section
 
-__all__ = ["DEFAULT_N", "DEFAULT_PICK", "MAX_N", "MAX_RESAMPLES", "best_of_k", "bootstrap_tau", "check_options", "kendall_tau", "markdown",
-           "proxies", "proxy_fidelity", "tau_rows", "tied_pairs", "write_fidelity"]
+__all__ = ["DEFAULT_N", "DEFAULT_PICK", "MAX_N", "MAX_RESAMPLES", "best_of_k", "bootstrap_tau", "check_options",
+           "kendall_tau", "markdown", "proxies", "proxy_fidelity", "tau_rows", "tied_pairs", "write_fidelity"]
 
 DEFAULT_N = 24
 """Structures per budget (the τ of 12 structures with 5 tied proxy scores said little)."""
@@ -111,8 +111,9 @@ def best_of_k(score: Sequence[float], final: Sequence[float], k: int) -> float:
         raise OptionError(f"k must be from 1 to the {n} items, got {short(k)}")
     order = np.argsort(-score, kind="stable")
     score, final = score[order], final[order]
-    total = math.comb(n, k)
-    chance = [math.comb(n - 1 - j, k - 1) / total for j in range(n)]
+    chance = [k / n]  # C(n−1, k−1)/C(n, k); each next one × (n−j−k)/(n−1−j): O(n), no big integers
+    for j in range(n - 1):
+        chance.append(chance[-1] * max(0, n - j - k) / (n - 1 - j))
     expected, start = 0.0, 0
     while start < n:
         end = start + 1
@@ -135,6 +136,7 @@ def tau_rows(candidates: Mapping[str, Sequence[Mapping]], names: Sequence[str], 
     for budget, cands in candidates.items():
         final = [c["final"] for c in cands]
         k = min(pick, len(cands))
+        unranked, oracle = float(np.mean(final)), best_of_k(final, final, k)
         for name in names:
             proxy = [c["proxy"][name] for c in cands]
             interval = bootstrap_tau(proxy, final, resamples, seed, confidence)
@@ -142,8 +144,8 @@ def tau_rows(candidates: Mapping[str, Sequence[Mapping]], names: Sequence[str], 
                          "ci_low": interval["low"], "ci_high": interval["high"],
                          "bootstrap_undefined": interval["undefined"], "n": len(cands),
                          "ties": tied_pairs(proxy), "ties_final": tied_pairs(final),
-                         "k": k, "best_of_k": best_of_k(proxy, final, k), "unranked": float(np.mean(final)),
-                         "oracle_of_k": best_of_k(final, final, k)})
+                         "k": k, "best_of_k": best_of_k(proxy, final, k), "unranked": unranked,
+                         "oracle_of_k": oracle})
     return rows
 
 
@@ -228,7 +230,7 @@ def check_options(n: int = DEFAULT_N, budgets: "Sequence[str | Budget] | None" =
     _integer(calib_images, "calib_images", 1, 10_000_000)
     _integer(bn_batches, "bn_batches", 0, 1_000_000)
     _integer(resamples, "resamples (bootstrap)", 1, MAX_RESAMPLES)
-    _integer(pick, "pick (structures the proxy picks from)", 1, MAX_N)
+    _integer(pick, "pick (structures the proxy picks from; capped at n)", 1, sys.maxsize)
     if not _number(lr) or not 0 < lr <= 100:
         raise OptionError(f"lr must be a number in (0, 100], got {short(lr)}")
     if not _number(confidence) or not 0 < confidence < 1:

@@ -392,9 +392,30 @@ def test_a_damaged_finished_study_is_refused_with_one_line(baseline, tmp_path, c
     assert not builds.calls
 
 
-def test_fidelity_refuses_a_pick_beyond_the_limit_in_one_line_naming_the_option(tmp_path, capsys):
-    code = main(["fidelity", "--checkpoint", str(tmp_path / "absent.pt"), "--flops", "50%", "--pick", "20000",
+def test_fidelity_refuses_a_pick_of_zero_in_one_line_naming_the_option(tmp_path, capsys):
+    code = main(["fidelity", "--checkpoint", str(tmp_path / "absent.pt"), "--flops", "50%", "--pick", "0",
                  "--out", str(tmp_path / "fid")])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and err[0].startswith("autoprune: error: --pick: ") and "10,000" in err[0]
+    assert code == 2 and len(err) == 1 and "--pick" in err[0]
     assert not (tmp_path / "fid").exists()
+
+
+def test_a_pick_beyond_n_is_accepted_and_capped_at_n():
+    fidelity.check_options(pick=20_000, budgets=["flops<=50%"])  # compare --trials 20000 --fidelity 24 is valid
+    cands = {"flops<=50%": [{"proxy": {"adaptive_bn": p}, "final": f} for p, f in ((0.2, 0.8), (0.1, 0.9), (0.3, 0.7))]}
+    (row,) = fidelity.tau_rows(cands, ["adaptive_bn"], resamples=10, pick=20_000)
+    assert row["k"] == 3 and row["best_of_k"] == pytest.approx(0.7) and row["oracle_of_k"] == pytest.approx(0.9)
+
+
+def test_the_command_line_default_pick_is_the_modules():
+    from autoprune.cli import build_parser
+    args = build_parser().parse_args(["fidelity", "--checkpoint", "x.pt", "--flops", "50%", "--out", "o"])
+    assert args.pick == fidelity.DEFAULT_PICK
+
+
+def test_best_of_k_is_fast_and_exact_for_the_largest_study():
+    n = fidelity.MAX_N
+    score = np.arange(n, dtype=float)[::-1]  # item j is the j-th best, and its final is j
+    final = np.arange(n, dtype=float)
+    k = n // 2  # E[min index of a k-subset] = (n − k)/(k + 1)
+    assert fidelity.best_of_k(score, final, k) == pytest.approx((n - k) / (k + 1), rel=1e-9)
