@@ -323,12 +323,13 @@ def paired_tests(rows: list[dict], reference: str = REFERENCE, confidence: float
 
 
 def _family(tests: list[dict]) -> str:
-    """The Holm family of :func:`paired_tests`, in words: the comparisons at each budget."""
-    sizes = {}
+    """The Holm family of :func:`paired_tests`, in words: the comparisons with a defined p at
+    each budget (:func:`autoprune.stats.holm` leaves undefined ones out of the count)."""
+    sizes = {t["budget"]: 0 for t in tests}
     for t in tests:
-        sizes[t["budget"]] = sizes.get(t["budget"], 0) + 1
+        sizes[t["budget"]] += t["p"] is not None
     if len(sizes) == 1:
-        return f"the {len(tests)} comparisons in this file"
+        return f"the {sizes.popitem()[1]} comparisons with a p-value in this file"
     counts = set(sizes.values())
     each = f"the {counts.pop()} comparisons" if len(counts) == 1 else "the comparisons"
     return f"{each} at each budget separately (one family per budget)"

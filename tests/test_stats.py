@@ -107,4 +107,8 @@ def test_holm_is_one_family_per_budget():
     table = markdown(summarise(rows), tests)
     assert "Holm–Bonferroni-adjusted over the 3 comparisons at each budget separately" in table
     one = [r for r in rows if r["budget"] == "flops<=50%"]
-    assert "over the 3 comparisons in this file" in markdown(summarise(one), paired_tests(one))
+    assert "over the 3 comparisons with a p-value in this file" in markdown(summarise(one), paired_tests(one))
+    tied = [dict(r, method="tied") for r in one if r["method"] == "search"]  # no difference at all: p undefined
+    tests = paired_tests(one + tied)
+    assert [t["p"] is None for t in tests] == [False, False, False, True]
+    assert "over the 3 comparisons with a p-value in this file" in markdown(summarise(one), tests)
