@@ -12,7 +12,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from test_search import tiny  # noqa: F401
+import test_search
 
 from autoprune import checkpoint, cli
 from autoprune.budget import Budget
@@ -23,6 +23,8 @@ from autoprune.search.runner import SETTINGS_FILE, TUNE_DIR, _record, _Run, _set
 from autoprune.search.searcher import OptunaSearcher, read_searcher_state
 from autoprune.search.space import load
 from autoprune.search.trial import PENALTY
+
+tiny = test_search.tiny  # the search tests' tiny space file, a fixture here too
 
 
 def _define(trial):

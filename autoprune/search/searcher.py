@@ -19,7 +19,8 @@ from typing import Any, Callable, Mapping, Sequence
 from .ray_tune import tune_snapshot
 from .trials import NUMBER_KEY, flat_config, nested_config
 
-__all__ = ["OptunaSearcher", "SEARCHER_FORMAT", "newest_searcher_state", "optuna_search_class",
+# OptunaSearcher subclasses Ray's Searcher, so it is built on first use by __getattr__ below
+__all__ = ["OptunaSearcher", "SEARCHER_FORMAT", "newest_searcher_state", "optuna_search_class",  # noqa: F822
            "read_searcher_state"]
 
 SEARCHER_FORMAT = "autoprune-searcher/1"

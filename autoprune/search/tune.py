@@ -13,7 +13,8 @@ from .trial import PENALTY, Shared, build_structure, evaluate_candidate, rungs
 from .trials import (STATES, best_trial, importances, mark_seeds, pareto_front, rebuild_study, trial_fields,
                      trial_row, trials_table)
 
-__all__ = ["DEFAULT_SPACE", "PENALTY", "SETTINGS_FILE", "SPACE_FILE", "STATES", "TRIALS_FILE", "OptunaSearcher",
+# OptunaSearcher is built on first use by __getattr__ below (it subclasses Ray's Searcher)
+__all__ = ["DEFAULT_SPACE", "PENALTY", "SETTINGS_FILE", "SPACE_FILE", "STATES", "TRIALS_FILE", "OptunaSearcher",  # noqa: F822
            "Shared", "best_trial", "build_structure", "driver_state", "evaluate_candidate", "importances",
            "mark_seeds", "pareto_front", "read_settings", "rebuild_study", "rungs", "search", "trial_fields",
            "trial_row", "trials_table"]
