@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import shutil
 import statistics
 import sys
@@ -42,6 +41,7 @@ from .pipeline import check_options as check_prune_options
 from .prune import METHOD_ONLY, SEARCH_ONLY, prune, prune_settings, search_run
 from .search.space import SearchSpace
 from .fidelity import proxy_fidelity  # noqa: F401 - re-exported (moved to autoprune.fidelity)
+from .json_file import read_json
 from .stats import CONFIDENCE, holm, interval, paired
 
 DEFAULT_METHODS = width_methods.available()
@@ -196,7 +196,7 @@ def _finished(path: Path, budget: Budget, method: str, seed: int, expected: Mapp
     says so); the run is then redone."""
     name = _name(path.parent)
     try:
-        report = json.loads(path.read_text())
+        report = read_json(path)
         recorded = report.get("settings")
         if not isinstance(recorded, dict):
             print(f"{name}: rerunning (its report records no settings: an older run)", file=sys.stderr)

@@ -29,6 +29,7 @@ from typing import Mapping, Sequence
 from .checkpoint import atomic_write_text
 from .differences import differences, plain
 from .errors import AutopruneError
+from .json_file import read_json
 
 __all__ = ["FINISHED_FILE", "MAX_BYTES", "PROGRESS_FILE", "Progress", "study_settings"]
 
@@ -115,11 +116,7 @@ class Progress:
         try:
             if not path.is_file():
                 raise ValueError("not a file")
-            with path.open("rb") as f:
-                text = f.read(MAX_BYTES + 1)
-            if len(text) > MAX_BYTES:
-                raise ValueError(f"larger than {MAX_BYTES >> 20} MiB")
-            record = json.loads(text)
+            record = read_json(path, MAX_BYTES)
             if not isinstance(record, dict) or not isinstance(record.get(key), dict):
                 raise ValueError(f"not an object with {key}")
             if complete and "settings" not in record:  # written before studies recorded their settings

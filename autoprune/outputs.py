@@ -33,6 +33,7 @@ from typing import Iterable, Iterator
 
 from .checkpoint import TEMP_NAME
 from .errors import AutopruneError
+from .json_file import read_json
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "autoprune-outputs/1"
@@ -103,8 +104,8 @@ def output_set(out: str | os.PathLike, names: Iterable[str] | None = None) -> It
 def read_manifest(out: str | os.PathLike) -> dict | None:
     """``out``'s manifest.json, or None if it is missing or not an autoprune manifest."""
     try:
-        data = json.loads((Path(out) / MANIFEST).read_text())
-    except (OSError, ValueError):
+        data = read_json(Path(out) / MANIFEST)
+    except (OSError, ValueError, RecursionError):
         return None
     if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT or not isinstance(data.get("files"), dict):
         return None

@@ -22,7 +22,6 @@ is False.
 
 from __future__ import annotations
 
-import json
 import math
 import threading
 import time
@@ -31,6 +30,7 @@ from pathlib import Path
 
 from ..checkpoint import write_json
 from ..errors import AutopruneError
+from ..json_file import read_json
 
 CLOCK_FILE = "clock.json"
 MAX_SEGMENTS = 10_000  # a search resumed more often than this is not a record this code wrote
@@ -68,9 +68,7 @@ def read_segments(path: Path) -> list[list]:
         return []
     fix = "delete it to resume without counting the earlier processes' time"
     try:
-        if path.stat().st_size > MAX_BYTES:
-            raise ValueError(f"larger than {MAX_BYTES} bytes")
-        segments = json.loads(path.read_text())["segments"]
+        segments = read_json(path, MAX_BYTES)["segments"]
         if not isinstance(segments, list) or len(segments) > MAX_SEGMENTS:
             raise ValueError("segments is not a list of at most 10,000 entries")
         now = time.time()

@@ -28,6 +28,7 @@ from .. import evaluate, grouping
 from ..budget import KINDS, Budget
 from ..data import DataBundle
 from ..errors import AutopruneError, short
+from ..json_file import read_json
 from ..methods import Context, get as get_method
 from ..methods.search import Search
 from ..pipeline import (Result, calibration_batches, calibration_specs, compute_record, criterion_scores, finish,
@@ -243,12 +244,12 @@ def read_settings(out: "str | os.PathLike") -> dict:
     path = Path(out) / SETTINGS_FILE
     fix = "this search cannot be continued; start a new one with autoprune search --out DIR"
     try:
-        saved = json.loads(path.read_text())
+        saved = read_json(path)
     except OSError as exc:
         raise AutopruneError(f"{out} holds no search to resume (cannot read {SETTINGS_FILE}: "
                              f"{exc.strerror or exc}); start one with autoprune search --out DIR") from None
-    except ValueError:
-        raise AutopruneError(f"{path} is not valid JSON; {fix}") from None
+    except (ValueError, RecursionError) as exc:
+        raise AutopruneError(f"{path} is not valid JSON ({exc}); {fix}") from None
     if not isinstance(saved, dict):
         raise AutopruneError(f"{path} must hold a JSON object, got {short(saved)}; {fix}")
     checks = {
