@@ -67,7 +67,7 @@ def closure(requirements: list[Requirement]) -> dict[str, str]:
 def render(pins: dict[str, str]) -> str:
     head = (f"# Exact versions the autoprune suite last passed with (python {platform.python_version()}, "
             f"{sys.platform} {platform.machine()}).\n"
-            "# Install with: pip install -c constraints.txt -e \".[dev]\"\n"
+            "# Install with: pip install -c constraints.txt -e \".[dev,peers]\"\n"
             "# Refresh after a green .ci/run: python tools/freeze_constraints.py (see README, Dependencies).\n")
     return head + "".join(f"{name}=={version}\n" for name, version in pins.items())
 
