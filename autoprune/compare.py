@@ -83,9 +83,11 @@ def check_options(methods: Sequence[str], criterion: "str | dict | None" = None,
         if methods.count(method) > 1:
             raise AutopruneError(f"{what}: method {method!r} is given twice; give each method once")
     searches = [m for m in methods if search_run(m) is not None]
-    for method in methods:  # one not installed (fastnas without its extra) is skipped by compare
-        if method not in searches and width_methods.get(method).available() is None:
+    for method in (m for m in methods if m not in searches):
+        if width_methods.get(method).available() is None:
             check_prune_options(method, criterion, **method_options)
+        else:  # one not installed (fastnas without its extra) is skipped by compare: its values only
+            width_methods.get(method).check(method_options)
     if searches and space is not None and not isinstance(space, SearchSpace):
         from .search import load
         load(space)

@@ -85,6 +85,9 @@ def check_options(method: str, criterion: "str | Mapping[str, float] | None" = N
         raise OptionError(f"unknown greedy mode {short(greedy_mode)}; choose one of {', '.join(GREEDY_MODES)}")
     if isinstance(calib_images, bool) or not isinstance(calib_images, int) or calib_images < 1:
         raise OptionError(f"calib_images must be a positive integer, got {short(calib_images)}")
+    reason = width_method.available()
+    if reason is not None:
+        raise OptionError(reason)
     width_method.check({"greedy_mode": greedy_mode, **method_options})
     default = getattr(width_method, "default_criterion", "di")
     weights = criteria_registry.parse_mix(criterion if criterion is not None else default)

@@ -124,12 +124,16 @@ def test_without_the_extra_fastnas_is_refused_in_one_line(monkeypatch):
 
 def test_without_the_extra_compare_skips_fastnas_with_one_line(monkeypatch, tmp_path, capsys):
     """compare runs every other arm and lists fastnas as skipped (the experiment scripts name it
-    in every phase); the options of a method it skips are not checked."""
+    in every phase); the options of a method it skips are still checked, so a bad value is
+    not silently ignored."""
     from autoprune.compare import check_options, compare
 
     monkeypatch.setitem(sys.modules, "modelopt", None)
     reason = FastNAS.available()
     assert check_options(["uniform", "fastnas"], fastnas_batches=64) == ["uniform", "fastnas"]
+    for key, bad in (("fastnas_batches", 10), ("fastnas_divisor", 0)):
+        with pytest.raises(OptionError, match=f"{key} must be an integer >= "):
+            check_options(["uniform", "fastnas"], **{key: bad})
     data = ap.data.load("synthetic", image_size=8)
     results = compare(_tiny(), data, budgets=("flops<=60%",), methods=("uniform", "fastnas"), seeds=(0,),
                       finetune_epochs=0, out=tmp_path, progress=False, calib_images=16, bn_batches=1)

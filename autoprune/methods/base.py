@@ -84,11 +84,13 @@ class WidthMethod:
     def available(cls) -> str | None:
         """None if the method can run in this environment, else a one-line reason saying what
         to install (a peer behind an optional extra: ``fastnas``). Cheap: imports nothing heavy.
-        ``compare`` skips an unavailable method with that line; its :meth:`check` refuses it."""
+        :func:`autoprune.pipeline.check_options` (so ``prune``) refuses an unavailable method
+        with that line; ``compare`` checks its options (:meth:`check`) and then skips it."""
         return None
 
     def check(self, options: Mapping[str, Any]) -> None:
-        """AutopruneError naming the option, its value and the choices, before any work."""
+        """AutopruneError naming the option, its value and the choices, before any work (the
+        values only: it runs for an unavailable method too)."""
 
     def calibrates(self, options: Mapping[str, Any]) -> tuple[str, ...]:
         """Criteria whose calibration summaries the method reads itself (``context.stats``),

@@ -74,9 +74,6 @@ class FastNAS(WidthMethod):
         return missing()
 
     def check(self, options: Mapping[str, Any]) -> None:
-        reason = self.available()
-        if reason is not None:
-            raise OptionError(reason)
         for key, least in LEAST.items():
             value = options.get(key, DEFAULTS[key])
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
